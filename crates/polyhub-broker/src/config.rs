@@ -1,0 +1,111 @@
+//! Broker settings: the `[mqtt]` section of polyhub's configuration file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The `[mqtt]` section: where the broker listens and the limits it enforces.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Plain-TCP listener for MQTT 3.1, 3.1.1 and 5.0.
+    pub listen: SocketAddr,
+    /// Optional TLS listener (`[mqtt.tls]`).
+    pub tls: Option<TlsConfig>,
+    /// Limits and protocol behaviour (`[mqtt.limits]`).
+    pub limits: BrokerConfig,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls: None,
+            limits: BrokerConfig::default(),
+        }
+    }
+}
+
+/// The `[mqtt.tls]` section: a second listener speaking MQTT over TLS (rustls, ring).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the TLS listener, conventionally port 8883.
+    pub listen: SocketAddr,
+    /// PEM file with the server certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM file with the CA certificates that client certificates must chain to.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Refuse clients that present no valid certificate (needs `ca_file`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// What happens when a session's queue is full.
+///
+/// Design: the publisher is never slowed down by a slow or offline subscriber, so something has
+/// to give at the subscriber's side; like Mosquitto we drop the newest message, count it in
+/// `$SYS/broker/messages/dropped` and log a warning (at most once per session per minute).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFullPolicy {
+    /// Drop the message that does not fit (Mosquitto's behaviour).
+    #[default]
+    DropNewest,
+    /// Drop the oldest queued message to make room for the new one.
+    DropOldest,
+}
+
+/// Limits and protocol behaviour of the broker (`[mqtt.limits]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Largest packet accepted from or sent to a client, in bytes (fixed header included).
+    pub max_packet_size: u32,
+    /// Most simultaneous client connections; further CONNECTs get "server busy" / 3 and are closed.
+    pub max_connections: usize,
+    /// Most unacknowledged QoS 1/2 messages in flight towards one client (MQTT 5 clients may ask
+    /// for fewer with receive maximum).
+    pub max_inflight: u16,
+    /// Most unacknowledged QoS 2 messages a client may have in flight towards us (the receive
+    /// maximum announced in CONNACK).
+    pub receive_maximum: u16,
+    /// Most messages queued for one session beyond those in flight (offline or slow client).
+    pub max_queued_messages: usize,
+    /// What to drop when a session's queue is full.
+    pub queue_full_policy: QueueFullPolicy,
+    /// Whether QoS 0 messages are queued for offline persistent sessions (Mosquitto: no).
+    pub queue_qos0_messages: bool,
+    /// Highest keep-alive accepted, in seconds; a larger one is lowered and, for MQTT 5, the
+    /// client is told through server keep-alive.
+    pub max_keep_alive: u16,
+    /// Highest topic alias a client may use towards us (MQTT 5).
+    pub topic_alias_maximum: u16,
+    /// Upper bound, in seconds, on how long a disconnected session is kept. `None` keeps 3.x
+    /// persistent sessions forever and honours any MQTT 5 session expiry interval.
+    pub max_session_expiry: Option<u32>,
+    /// Seconds between `$SYS/broker/...` updates; 0 turns them off.
+    pub sys_interval: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_packet_size: 16 * 1024 * 1024,
+            max_connections: 100_000,
+            max_inflight: 100,
+            receive_maximum: 100,
+            max_queued_messages: 1000,
+            queue_full_policy: QueueFullPolicy::DropNewest,
+            queue_qos0_messages: false,
+            max_keep_alive: 65_535,
+            topic_alias_maximum: 64,
+            max_session_expiry: None,
+            sys_interval: 10,
+        }
+    }
+}
