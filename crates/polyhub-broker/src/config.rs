@@ -49,7 +49,7 @@ pub struct TlsConfig {
 ///
 /// Design: the publisher is never slowed down by a slow or offline subscriber, so something has
 /// to give at the subscriber's side; like Mosquitto we drop the newest message, count it in
-/// `$SYS/broker/messages/dropped` and log a warning (at most once per session per minute).
+/// `$SYS/broker/publish/messages/dropped` and log a warning (at most once per session per minute).
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueFullPolicy {

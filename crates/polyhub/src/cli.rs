@@ -1,0 +1,172 @@
+//! The command line: `polyhub run`, `polyhub config default`, `polyhub config check`.
+//!
+//! Environment variables are deliberately not wired through clap: they form their own layer
+//! ([`Overrides::from_env`](crate::config::Overrides::from_env)), so that the precedence
+//! file < environment < flags is decided in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// polyhub: an IoT hub in one program.
+#[derive(Debug, Parser)]
+#[command(name = "polyhub", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Start polyhub (the MQTT broker) and run until SIGINT or SIGTERM.
+    ///
+    /// Settings come from built-in defaults, then the configuration file, then POLYHUB_*
+    /// environment variables, then these flags; later ones win.
+    Run(RunArgs),
+    /// Print the default configuration, or check a configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `polyhub config ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Print the default configuration file, every setting documented.
+    Default,
+    /// Check a configuration file: syntax, keys, values, and the TLS files it names.
+    Check(CheckArgs),
+}
+
+/// Flags of `polyhub run`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Configuration file (TOML) [env: POLYHUB_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Address of the MQTT listener, e.g. 127.0.0.1:1883; port 0 picks a free port
+    /// [env: POLYHUB_MQTT_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) mqtt_listen: Option<SocketAddr>,
+    /// Address of the MQTT-over-TLS listener (default 127.0.0.1:8883 once TLS is configured)
+    /// [env: POLYHUB_MQTTS_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) mqtts_listen: Option<SocketAddr>,
+    /// PEM file with the TLS certificate chain [env: POLYHUB_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM file with the TLS private key [env: POLYHUB_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// PEM file with the CAs that client certificates must chain to [env: POLYHUB_TLS_CA]
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a valid certificate (needs --tls-ca)
+    /// [env: POLYHUB_TLS_REQUIRE_CLIENT_CERT]
+    #[arg(long)]
+    pub(crate) tls_require_client_cert: bool,
+    /// Directory for persistent data, created if missing [env: POLYHUB_DATA_DIR]
+    #[arg(long, value_name = "DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Log filter: a level (info, debug, ...) or RUST_LOG syntax [env: POLYHUB_LOG]
+    #[arg(long, value_name = "LEVEL")]
+    pub(crate) log: Option<String>,
+}
+
+impl RunArgs {
+    /// The settings given as flags, as the top override layer.
+    pub(crate) fn overrides(&self) -> Overrides {
+        Overrides {
+            data_dir: self.data_dir.clone(),
+            log: self.log.clone(),
+            mqtt_listen: self.mqtt_listen,
+            mqtts_listen: self.mqtts_listen,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            // A boolean flag can only turn the requirement on; absent means "not said".
+            tls_require_client_cert: self.tls_require_client_cert.then_some(true),
+        }
+    }
+}
+
+/// Flags of `polyhub config check`.
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// Configuration file to check [env: POLYHUB_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["polyhub", "run"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Run(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_without_flags_overrides_nothing() {
+        assert_eq!(run_args(&[]).overrides(), Overrides::default());
+    }
+
+    #[test]
+    fn run_flags_become_overrides() {
+        let args = run_args(&[
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--mqtts-listen",
+            "127.0.0.1:8884",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-require-client-cert",
+            "--data-dir",
+            "d",
+            "--log",
+            "debug",
+            "--config",
+            "polyhub.toml",
+        ]);
+        assert_eq!(args.config, Some(PathBuf::from("polyhub.toml")));
+        assert_eq!(
+            args.overrides(),
+            Overrides {
+                data_dir: Some("d".into()),
+                log: Some("debug".into()),
+                mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+                mqtts_listen: Some("127.0.0.1:8884".parse().unwrap()),
+                tls_cert: Some("c.pem".into()),
+                tls_key: Some("k.pem".into()),
+                tls_ca: Some("ca.pem".into()),
+                tls_require_client_cert: Some(true),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_address_flag_is_a_usage_error() {
+        let error =
+            Cli::try_parse_from(["polyhub", "run", "--mqtt-listen", "nowhere"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+    }
+}

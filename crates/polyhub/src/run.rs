@@ -1,0 +1,225 @@
+//! `polyhub run`: logging, the data directory, listeners, the broker, signals and shutdown.
+//!
+//! Order matters here. Everything that can be wrong with the configuration (TLS files
+//! included) is checked before any socket is bound, so a bad setting never leaves a half-started
+//! process. Signal handlers are registered before the listeners are announced, so a SIGTERM
+//! sent right after `MQTT listening on ...` appears always gets the graceful path.
+
+use std::io::{self, IsTerminal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use polyhub_broker::{Broker, BrokerError};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::Failure;
+use crate::config::{Config, describe_io_error};
+
+/// How long listeners and client sessions get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs polyhub until SIGINT or SIGTERM.
+pub(crate) fn run(config: Config, source: Option<PathBuf>) -> Result<(), Failure> {
+    // TLS files are configuration: a bad one is reported before anything else happens.
+    let tls = match &config.mqtt.tls {
+        Some(tls) => {
+            let acceptor = polyhub_broker::tls::acceptor(tls)
+                .context("MQTTS listener")
+                .map_err(Failure::Config)?;
+            Some((tls.listen, acceptor))
+        }
+        None => None,
+    };
+
+    init_logging(&config.log.level)?;
+    match &source {
+        Some(path) => info!(
+            "polyhub {} starting with configuration file {}",
+            env!("CARGO_PKG_VERSION"),
+            path.display()
+        ),
+        None => info!(
+            "polyhub {} starting with built-in defaults",
+            env!("CARGO_PKG_VERSION")
+        ),
+    }
+
+    std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+        Failure::Runtime(anyhow!(
+            "cannot create data directory {}: {}",
+            config.data_dir.display(),
+            describe_io_error(&error)
+        ))
+    })?;
+    info!("data directory {}", config.data_dir.display());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::Runtime)?;
+    runtime.block_on(serve(&config, tls))
+}
+
+/// Binds the listeners, serves until a signal, then shuts down gracefully.
+async fn serve(
+    config: &Config,
+    tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
+) -> Result<(), Failure> {
+    let mut signals = Signals::register()
+        .context("cannot install signal handlers")
+        .map_err(Failure::Runtime)?;
+
+    // Bind everything before serving anything: a busy TLS port must not leave MQTT running.
+    let mqtt = bind("MQTT", config.mqtt.listen).await?;
+    let mqtts = match tls {
+        Some((address, acceptor)) => Some((bind("MQTTS", address).await?, acceptor)),
+        None => None,
+    };
+
+    let broker = Broker::new(config.mqtt.limits.clone());
+    let (stop, stop_requested) = watch::channel(false);
+    let mut listeners = JoinSet::new();
+
+    let address = bound_address(&mqtt)?;
+    info!("MQTT listening on {address}");
+    let (handle, shutdown) = (broker.clone(), stopped(stop_requested.clone()));
+    listeners.spawn(async move { ("MQTT", address, handle.serve(mqtt, shutdown).await) });
+
+    if let Some((listener, acceptor)) = mqtts {
+        let address = bound_address(&listener)?;
+        info!("MQTTS listening on {address}");
+        let (handle, shutdown) = (broker.clone(), stopped(stop_requested.clone()));
+        listeners.spawn(async move {
+            let result = handle.serve_tls(listener, acceptor, shutdown).await;
+            ("MQTTS", address, result)
+        });
+    }
+
+    let outcome = tokio::select! {
+        name = signals.recv() => {
+            info!("{name} received, shutting down");
+            Ok(())
+        }
+        Some(ended) = listeners.join_next() => Err(Failure::Runtime(listener_ended(ended))),
+    };
+
+    // Whatever the reason, stop accepting, then let the broker say goodbye to its clients.
+    let _ = stop.send(true);
+    let graceful = async {
+        while let Some(ended) = listeners.join_next().await {
+            if let Err(error) = flatten(ended) {
+                warn!("{error:#}");
+            }
+        }
+        broker.shutdown().await;
+    };
+    tokio::select! {
+        finished = tokio::time::timeout(SHUTDOWN_GRACE, graceful) => {
+            if finished.is_err() {
+                return Err(Failure::Runtime(anyhow!(
+                    "shutdown did not finish within {} s",
+                    SHUTDOWN_GRACE.as_secs()
+                )));
+            }
+        }
+        name = signals.recv() => {
+            return Err(Failure::Runtime(anyhow!(
+                "{name} received during shutdown, stopping without waiting"
+            )));
+        }
+    }
+    if outcome.is_ok() {
+        info!("polyhub stopped");
+    }
+    outcome
+}
+
+/// What a listener task returns: its name, its address and how serving ended.
+type ListenerEnd = (&'static str, SocketAddr, Result<(), BrokerError>);
+
+/// A listener ended before shutdown was asked for, which is always a failure.
+fn listener_ended(ended: Result<ListenerEnd, JoinError>) -> anyhow::Error {
+    match flatten(ended) {
+        Err(error) => error,
+        Ok((name, address)) => anyhow!("{name} listener on {address} stopped unexpectedly"),
+    }
+}
+
+fn flatten(ended: Result<ListenerEnd, JoinError>) -> anyhow::Result<(&'static str, SocketAddr)> {
+    let (name, address, result) =
+        ended.map_err(|error| anyhow!("a listener task ended abnormally: {error}"))?;
+    result.map_err(|error| anyhow!("{name} listener on {address} failed: {error}"))?;
+    Ok((name, address))
+}
+
+/// Binds `address` for the listener called `what` (`MQTT`, `MQTTS`).
+async fn bind(what: &str, address: SocketAddr) -> Result<TcpListener, Failure> {
+    TcpListener::bind(address).await.map_err(|error| {
+        let reason = match error.kind() {
+            io::ErrorKind::AddrInUse => "address already in use".to_string(),
+            io::ErrorKind::AddrNotAvailable => "address not available on this machine".into(),
+            io::ErrorKind::PermissionDenied => "permission denied".into(),
+            _ => error.to_string(),
+        };
+        Failure::Runtime(anyhow!("cannot listen for {what} on {address}: {reason}"))
+    })
+}
+
+/// The address actually bound: differs from the configured one when the port was 0.
+fn bound_address(listener: &TcpListener) -> Result<SocketAddr, Failure> {
+    listener
+        .local_addr()
+        .context("cannot read a listener's address")
+        .map_err(Failure::Runtime)
+}
+
+/// Completes once a stop has been requested (or the requester is gone).
+async fn stopped(mut stop_requested: watch::Receiver<bool>) {
+    let _ = stop_requested.wait_for(|stop| *stop).await;
+}
+
+/// SIGINT and SIGTERM, registered up front.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn register() -> io::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the next signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// Logs to standard error, filtered by `filter` (`RUST_LOG` syntax), without colours unless
+/// standard error is a terminal, so that logs captured by tests and services stay plain text.
+fn init_logging(filter: &str) -> Result<(), Failure> {
+    let filter = EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid log filter {filter:?}"))
+        .map_err(Failure::Config)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .with_target(false)
+        .try_init()
+        .map_err(|error| Failure::Runtime(anyhow!("cannot set up logging: {error}")))
+}
