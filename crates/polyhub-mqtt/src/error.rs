@@ -50,8 +50,8 @@ pub enum DecodeError {
     /// A packet that needs a non-zero packet identifier carries 0.
     #[error("packet identifier 0")]
     ZeroPacketId,
-    /// An unknown property id, a property not allowed in this packet, or one repeated that may
-    /// appear only once.
+    /// An unknown property id, a property not allowed in this packet, one repeated that may
+    /// appear only once, or a value the spec forbids (such as a receive maximum of 0).
     #[error("invalid property {0:#04x}")]
     InvalidProperty(u8),
     /// A reason code not allowed in this packet type.
@@ -61,6 +61,10 @@ pub enum DecodeError {
     /// SUBSCRIBE without filters, reserved bits set, and so on.
     #[error("malformed packet: {0}")]
     Malformed(&'static str),
+    /// Well-formed bytes that break a rule the spec calls a protocol error: a password without
+    /// a user name in 3.1.1, SUBSCRIBE without filters, retain handling 3, and so on.
+    #[error("protocol error: {0}")]
+    ProtocolError(&'static str),
 }
 
 impl DecodeError {
@@ -75,6 +79,7 @@ impl DecodeError {
             DecodeError::InvalidTopicFilter => ReasonCode::TOPIC_FILTER_INVALID,
             DecodeError::InvalidPacketType(_) => ReasonCode::PROTOCOL_ERROR,
             DecodeError::ZeroPacketId => ReasonCode::PROTOCOL_ERROR,
+            DecodeError::ProtocolError(_) => ReasonCode::PROTOCOL_ERROR,
             _ => ReasonCode::MALFORMED_PACKET,
         }
     }
@@ -92,4 +97,8 @@ pub enum EncodeError {
     /// The packet does not exist in the target version (AUTH in 3.x).
     #[error("packet type {0} does not exist in this protocol version")]
     NotInVersion(u8),
+    /// A field holds a value its wire type cannot carry (a subscription identifier of 0 or
+    /// above 268,435,455).
+    #[error("invalid value for {0}")]
+    InvalidValue(&'static str),
 }

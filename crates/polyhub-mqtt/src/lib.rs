@@ -8,7 +8,8 @@
 //!   only MQTT 5 carries (properties, reason codes) are simply left at their defaults for 3.x.
 //! - [`reason`]: MQTT 5 reason codes, and their mapping onto 3.x CONNACK return codes.
 //! - [`codec`]: [`decode`] turns the front of a buffer into a [`Packet`] (or asks for more bytes);
-//!   [`encode`] appends a packet's wire form to a buffer.
+//!   [`encode`] appends a packet's wire form to a buffer, and [`encoded_len`] tells its size
+//!   beforehand (to compare with a peer's maximum packet size).
 //! - [`topic`]: topic name and filter validation, wildcard matching, shared subscriptions.
 //! - [`error`]: [`DecodeError`] and [`EncodeError`], each mapped to the reason code the spec
 //!   prescribes for it.
@@ -19,7 +20,7 @@ pub mod packet;
 pub mod reason;
 pub mod topic;
 
-pub use codec::{decode, encode};
+pub use codec::{decode, encode, encoded_len};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
 pub use reason::ReasonCode;
