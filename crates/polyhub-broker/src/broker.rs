@@ -1,15 +1,39 @@
-//! Placeholder: the broker's public handle with its final signatures.
+//! The broker's public handle, its shared state, and the accept loops.
+//!
+//! Tasks: one accept loop per listener (`serve`, `serve_tls`), one task per connection (TLS
+//! handshake included), one `$SYS` publisher, and short timers for delayed wills and session
+//! expiry. Everything they share sits in one [`Shared`] behind an `Arc`.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
-use bytes::Bytes;
-use polyhub_mqtt::QoS;
-use tokio::net::TcpListener;
+use parking_lot::{Mutex, RwLock};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
+use crate::client;
 use crate::config::BrokerConfig;
 use crate::error::BrokerError;
+use crate::local::LocalClient;
+use crate::message::Message;
+use crate::retained::RetainedStore;
+use crate::session::{Session, SessionKey, SessionKind};
 use crate::stats::Stats;
+use crate::subscriptions::SubscriptionTree;
+use crate::sys;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after an accept error such as EMFILE, so the loop does not spin while the process is
+/// out of descriptors.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Handle on a running broker; clones share the same state.
 #[derive(Debug, Clone)]
@@ -17,10 +41,115 @@ pub struct Broker {
     shared: Arc<Shared>,
 }
 
+/// State shared by every task of one broker.
 #[derive(Debug)]
-struct Shared {
-    config: BrokerConfig,
-    stats: Stats,
+pub(crate) struct Shared {
+    pub(crate) config: BrokerConfig,
+    pub(crate) stats: Stats,
+    pub(crate) subscriptions: RwLock<SubscriptionTree<SessionKey>>,
+    pub(crate) retained: Mutex<RetainedStore<Arc<Message>>>,
+    /// Sessions by client id, connected or not, local clients included.
+    pub(crate) sessions: Mutex<HashMap<String, Arc<Session>>>,
+    pub(crate) started: Instant,
+    /// Open network connections, counted from accept (so before CONNECT) to close.
+    pub(crate) connections: AtomicUsize,
+    /// Cancelled by [`Broker::shutdown`]; every connection's token is a child of it.
+    pub(crate) shutdown: CancellationToken,
+    tasks: TaskCount,
+    next_session_id: AtomicU64,
+    next_assigned_id: AtomicU64,
+    sys_started: AtomicBool,
+}
+
+/// Counts the connection tasks so that shutdown can wait for them.
+#[derive(Debug, Default)]
+struct TaskCount {
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+/// An open network connection: counted in `connections` (for `max_connections`) and in the
+/// tasks that [`Broker::shutdown`] waits for, until dropped with its task, however that ends.
+///
+/// Design: the slot travels inside the connection's future instead of a wrapper future around
+/// it; a wrapper would hold the inner future twice (captured and awaited) and double the
+/// memory of every idle connection.
+pub(crate) struct ConnectionSlot(Arc<Shared>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.0.tasks.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.tasks.idle.notify_waiters();
+        }
+    }
+}
+
+impl Shared {
+    /// A new session id (0 is reserved for the broker itself).
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A client id for a client that sent an empty one.
+    pub(crate) fn assign_client_id(&self) -> String {
+        let n = self.next_assigned_id.fetch_add(1, Ordering::Relaxed);
+        format!("polyhub-{:x}-{n}", std::process::id())
+    }
+
+    async fn wait_for_tasks(&self) {
+        loop {
+            let idle = self.tasks.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.tasks.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Take a connection slot; counted against `max_connections` at CONNECT.
+    fn open_connection(self: &Arc<Self>) -> ConnectionSlot {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        self.tasks.running.fetch_add(1, Ordering::AcqRel);
+        Stats::add(&self.stats.connections_total, 1);
+        ConnectionSlot(Arc::clone(self))
+    }
+
+    /// Refresh the gauges that are cheaper to compute on demand than on the hot path.
+    pub(crate) fn refresh_gauges(&self) {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        let mut disconnected = 0u64;
+        let mut stored = 0u64;
+        for session in &sessions {
+            if !session.is_online() {
+                disconnected += 1;
+            }
+            let state = session.state.lock();
+            stored += (state.queue.len() + state.inflight.len()) as u64;
+        }
+        self.stats
+            .clients_disconnected
+            .store(disconnected, Ordering::Relaxed);
+        self.stats.messages_stored.store(stored, Ordering::Relaxed);
+        let retained = self.retained.lock().len() as u64;
+        self.stats
+            .retained_messages
+            .store(retained, Ordering::Relaxed);
+        let subscriptions = self.subscriptions.read().len() as u64;
+        self.stats
+            .subscriptions
+            .store(subscriptions, Ordering::Relaxed);
+    }
+
+    /// Start the `$SYS` publisher once, from inside the runtime.
+    fn start_sys(self: &Arc<Self>) {
+        if self.config.sys_interval == 0 || self.sys_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(sys::run(Arc::clone(self)));
+    }
 }
 
 impl Broker {
@@ -30,18 +159,41 @@ impl Broker {
             shared: Arc::new(Shared {
                 config,
                 stats: Stats::default(),
+                subscriptions: RwLock::new(SubscriptionTree::new()),
+                retained: Mutex::new(RetainedStore::new()),
+                sessions: Mutex::new(HashMap::new()),
+                started: Instant::now(),
+                connections: AtomicUsize::new(0),
+                shutdown: CancellationToken::new(),
+                tasks: TaskCount::default(),
+                next_session_id: AtomicU64::new(1),
+                next_assigned_id: AtomicU64::new(1),
+                sys_started: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Accept MQTT connections on `listener` until `shutdown` completes.
+    /// The limits this broker enforces.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.shared.config
+    }
+
+    /// Accept MQTT connections on `listener` until `shutdown` completes (or
+    /// [`Broker::shutdown`] is called). Connections already open keep running; call
+    /// [`Broker::shutdown`] to end them.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), BrokerError> {
-        let _ = (listener, &self.shared.config);
-        shutdown.await;
+        self.shared.start_sys();
+        tracing::info!(address = ?listener.local_addr().ok(), "MQTT listener ready.");
+        let shared = &self.shared;
+        accept_loop(shared, &listener, shutdown, |stream, peer| {
+            let slot = shared.open_connection();
+            tokio::spawn(client::run(Arc::clone(shared), stream, peer, slot));
+        })
+        .await;
         Ok(())
     }
 
@@ -53,72 +205,151 @@ impl Broker {
         acceptor: tokio_rustls::TlsAcceptor,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), BrokerError> {
-        let _ = (listener, acceptor);
-        shutdown.await;
+        self.shared.start_sys();
+        tracing::info!(address = ?listener.local_addr().ok(), "MQTT TLS listener ready.");
+        let shared = &self.shared;
+        accept_loop(shared, &listener, shutdown, |stream, peer| {
+            let slot = shared.open_connection();
+            let acceptor = acceptor.clone();
+            let task_shared = Arc::clone(shared);
+            tokio::spawn(async move {
+                let accepting =
+                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                let handshake = tokio::select! {
+                    result = accepting => result,
+                    () = task_shared.shutdown.cancelled() => return,
+                };
+                match handshake {
+                    Ok(Ok(tls)) => client::run(task_shared, tls, peer, slot).await,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed.");
+                    }
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out."),
+                }
+            });
+        })
+        .await;
         Ok(())
     }
 
     /// Disconnect every client (MQTT 5 clients get DISCONNECT "server shutting down") and wait
-    /// until their tasks have ended.
-    pub async fn shutdown(&self) {}
+    /// until their tasks have ended. Listeners stop accepting and `serve` returns; local
+    /// clients' `recv` returns `None` once their queue is empty.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        self.shared.wait_for_tasks().await;
+    }
 
-    /// Counters behind `$SYS/broker/...`.
+    /// Counters behind `$SYS/broker/...`. The gauges that are computed on demand (stored
+    /// messages, disconnected clients) are refreshed by this call.
     pub fn stats(&self) -> &Stats {
+        self.shared.refresh_gauges();
         &self.shared.stats
     }
 
-    /// An in-process client with the given client id.
+    /// Time since the broker was created.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    /// Publish the `$SYS/broker/...` topics now (they are also published every
+    /// `sys_interval` seconds while a listener runs).
+    pub fn publish_sys(&self) {
+        sys::publish(&self.shared);
+    }
+
+    /// An in-process client with the given client id. Fails if a session with that id exists
+    /// (a network client's, even disconnected, or another local client's) or after shutdown.
     pub fn local_client(&self, client_id: &str) -> Result<LocalClient, BrokerError> {
-        let _ = client_id;
-        Err(BrokerError::Closed)
+        self.local_client_with_queue(client_id, self.shared.config.max_queued_messages)
     }
-}
 
-/// An in-process MQTT client: publishes and subscribes through the broker's routing without a
-/// socket. Dropping it ends its session.
-#[derive(Debug)]
-pub struct LocalClient {}
-
-/// A message delivered to a [`LocalClient`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalMessage {
-    /// Topic it was published on.
-    pub topic: String,
-    /// Payload.
-    pub payload: Bytes,
-    /// Delivery QoS.
-    pub qos: QoS,
-    /// Whether it came from the retained store.
-    pub retain: bool,
-}
-
-impl LocalClient {
-    /// Publish a message.
-    pub async fn publish(
+    /// An in-process client whose queue holds up to `max_queued` undelivered messages
+    /// (0: unbounded) instead of `max_queued_messages`: for consumers that take bursts larger
+    /// than a network client's queue, such as ingestion.
+    pub fn local_client_with_queue(
         &self,
-        topic: &str,
-        payload: impl Into<Bytes>,
-        qos: QoS,
-        retain: bool,
-    ) -> Result<(), BrokerError> {
-        let _ = (topic, payload.into(), qos, retain);
-        Err(BrokerError::Closed)
+        client_id: &str,
+        max_queued: usize,
+    ) -> Result<LocalClient, BrokerError> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(BrokerError::Closed);
+        }
+        if client_id.is_empty() {
+            return Err(BrokerError::InvalidRequest("empty client id".into()));
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.shared.start_sys();
+        }
+        let session = {
+            let mut sessions = self.shared.sessions.lock();
+            if sessions.contains_key(client_id) {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "client id {client_id:?} is in use"
+                )));
+            }
+            let session = Arc::new(Session::new(
+                self.shared.next_session_id(),
+                client_id.to_owned(),
+                SessionKind::Local,
+                max_queued,
+            ));
+            sessions.insert(client_id.to_owned(), Arc::clone(&session));
+            session
+        };
+        Ok(LocalClient::new(Arc::clone(&self.shared), session))
     }
+}
 
-    /// Subscribe to a topic filter.
-    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), BrokerError> {
-        let _ = (filter, qos);
-        Err(BrokerError::Closed)
+/// Accept connections until `shutdown` completes or the broker shuts down, handing each to
+/// `spawn`. Accept errors (EMFILE, a connection reset before accept) are logged and the loop
+/// goes on.
+async fn accept_loop(
+    shared: &Shared,
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    mut spawn: impl FnMut(TcpStream, SocketAddr),
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            () = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, %error, "Cannot set TCP_NODELAY.");
+                }
+                spawn(stream, peer);
+            }
+            Err(error) if is_transient(&error) => {
+                tracing::debug!(%error, "Connection failed before accept.");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Accept failed; retrying shortly.");
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                    () = &mut shutdown => break,
+                    () = shared.shutdown.cancelled() => break,
+                }
+            }
+        }
     }
+    tracing::info!(address = ?listener.local_addr().ok(), "MQTT listener stopped.");
+}
 
-    /// Remove a subscription.
-    pub async fn unsubscribe(&self, filter: &str) -> Result<(), BrokerError> {
-        let _ = filter;
-        Err(BrokerError::Closed)
-    }
-
-    /// The next delivered message; `None` once the broker has shut down.
-    pub async fn recv(&mut self) -> Option<LocalMessage> {
-        None
-    }
+/// Errors that concern only the connection being accepted.
+fn is_transient(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionRefused
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock
+    )
 }

@@ -11,15 +11,30 @@
 //! - [`stats`]: counters and the `$SYS/broker/...` topics.
 //! - `subscriptions` / `retained`: the subscription trie (with `$share` groups) and the retained
 //!   message store.
+//! - `client` / `connection`: one task per network connection (CONNECT handshake, packet loop)
+//!   and its socket with read and write buffers; `session`: per-client-id state (queue,
+//!   inflight, QoS 2 ids); `router`: fan-out of a message to matching sessions; `message`: the
+//!   shared message type; `alias`: MQTT 5 topic aliases; `local`: in-process clients; `sys`:
+//!   the `$SYS` publisher. `docs/broker.md` describes the design.
 
+mod alias;
 mod broker;
+mod client;
 pub mod config;
+mod connection;
 mod error;
+mod local;
+mod message;
 mod retained;
+mod router;
+mod session;
 pub mod stats;
 mod subscriptions;
+mod sys;
 pub mod tls;
 
-pub use broker::{Broker, LocalClient, LocalMessage};
+pub use broker::Broker;
 pub use config::{BrokerConfig, MqttConfig, TlsConfig};
 pub use error::BrokerError;
+pub use local::{LocalClient, LocalMessage};
+pub use message::MessageProperties;

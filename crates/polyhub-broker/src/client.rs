@@ -1,0 +1,1290 @@
+//! One network client's task: the CONNECT handshake, the packet loop, and detaching from the
+//! session when the connection ends.
+//!
+//! The protocol version is negotiated here, per connection, from CONNECT; every later packet
+//! is decoded and encoded for that version.
+//!
+//! The loop waits on four things at once: the socket (reads, and writes of what is buffered),
+//! the session's queue (which also signals a takeover), the keep-alive deadline, and shutdown.
+//! Each turn handles every packet the read buffer holds, moves queued deliveries into flight
+//! and into the write buffer, and the next wait writes all of it at once.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use polyhub_mqtt::{
+    ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
+    PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, SubscriptionOptions,
+    UnsubAck, Unsubscribe, decode, topic,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, sleep_until};
+
+use crate::alias::{InboundAliases, OutboundAlias, OutboundAliases};
+use crate::broker::{ConnectionSlot, Shared};
+use crate::connection::{Connection, IoEvent};
+use crate::message::{Delivery, Message};
+use crate::session::{Awaiting, Inflight, Session, SessionKind};
+use crate::stats::Stats;
+use crate::subscriptions::Subscription;
+
+/// How long a new connection may take to send CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a CONNECT may wait for the previous connection of its client id to let go.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a closing connection may take to write what it still has buffered.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Stop moving queued deliveries into the write buffer above this many unsent bytes; the rest
+/// waits in the session queue (where the queue bound applies).
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// Deliveries taken from the session queue per lock.
+const FILL_BATCH: usize = 64;
+
+/// Hard cap on outbound messages in flight, below the 65,535 packet ids.
+const MAX_INFLIGHT_CAP: usize = 65_000;
+
+/// Timers for intervals this long or longer are not armed: the session (or delayed will) is
+/// kept until the broker stops.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Serve one network connection from its first byte to its close.
+///
+/// Design: a plain function returning the task's future, so that the stream and the peer
+/// address go straight into the boxed handshake future; arguments of an `async fn` would stay
+/// in the task's allocation for the connection's whole life.
+pub(crate) fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The handshake and the close are boxed: their futures are large and short-lived, and
+    // boxing keeps them out of the task's allocation, which an idle connection holds for hours.
+    let handshake = Box::pin(handshake(shared, stream, peer));
+    async move {
+        let _slot = slot;
+        let Some(mut client) = handshake.await else {
+            return;
+        };
+        let exit = client.run().await;
+        Box::pin(client.finish(exit)).await;
+    }
+}
+
+/// Read CONNECT (within the timeout) and answer it; `None` when the connection was closed.
+async fn handshake<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr) -> Option<Client<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = Connection::new(stream);
+    let connect = tokio::select! {
+        result = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut conn, &shared)) => result,
+        () = shared.shutdown.cancelled() => return None,
+    };
+    let connect = match connect {
+        Ok(Some(connect)) => connect,
+        Ok(None) => {
+            conn.close(CLOSE_TIMEOUT).await;
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "No CONNECT in time; closing.");
+            return None;
+        }
+    };
+    Client::accept(shared, conn, connect, peer).await
+}
+
+/// Read until CONNECT. `None` means close: anything else first, a decode error, or EOF. An
+/// unknown protocol name or level is answered with CONNACK 0x01 (3.1.1 form) first.
+async fn read_connect<S>(conn: &mut Connection<S>, shared: &Shared) -> Option<Box<Connect>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_packet_size = shared.config.max_packet_size as usize;
+    loop {
+        match decode(&mut conn.read_buf, ProtocolVersion::V311, max_packet_size) {
+            Ok(Some(Packet::Connect(connect))) => return Some(Box::new(connect)),
+            Ok(Some(packet)) => {
+                tracing::debug!(
+                    packet_type = packet.packet_type(),
+                    "First packet is not CONNECT; closing."
+                );
+                return None;
+            }
+            Ok(None) => match conn.read_more().await {
+                Ok(IoEvent::Read(_)) => {}
+                _ => return None,
+            },
+            Err(
+                error @ (DecodeError::UnsupportedProtocolLevel(_)
+                | DecodeError::InvalidProtocolName),
+            ) => {
+                tracing::debug!(%error, "Unsupported protocol in CONNECT.");
+                conn.version = ProtocolVersion::V311;
+                let _ = conn.send(&Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason_code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                    properties: Properties::default(),
+                }));
+                return None;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "Malformed CONNECT; closing.");
+                return None;
+            }
+        }
+    }
+}
+
+/// Why the packet loop ended.
+#[derive(Debug)]
+enum Exit {
+    /// The client sent DISCONNECT; `will` unless its reason was "normal disconnection".
+    Disconnect { will: bool },
+    /// EOF or a socket error.
+    Closed(String),
+    /// Nothing received for 1.5 × keep-alive.
+    KeepAliveTimeout,
+    /// A protocol violation or malformed packet.
+    Violation { reason: ReasonCode, detail: String },
+    /// Another connection took the session over.
+    TakenOver,
+    /// The broker is shutting down.
+    Shutdown,
+}
+
+impl Exit {
+    fn violation(reason: ReasonCode, detail: impl Into<String>) -> Exit {
+        Exit::Violation {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether the will is published (everything but a normal DISCONNECT and shutdown).
+    fn publishes_will(&self) -> bool {
+        match self {
+            Exit::Disconnect { will } => *will,
+            Exit::Shutdown => false,
+            Exit::Closed(_) | Exit::KeepAliveTimeout | Exit::Violation { .. } | Exit::TakenOver => {
+                true
+            }
+        }
+    }
+
+    /// The DISCONNECT an MQTT 5 client gets, if any.
+    fn disconnect_reason(&self) -> Option<(ReasonCode, String)> {
+        match self {
+            Exit::Violation { reason, detail } => Some((*reason, detail.clone())),
+            Exit::KeepAliveTimeout => {
+                Some((ReasonCode::KEEP_ALIVE_TIMEOUT, "keep alive timeout".into()))
+            }
+            Exit::TakenOver => Some((
+                ReasonCode::SESSION_TAKEN_OVER,
+                "another connection took the session over".into(),
+            )),
+            Exit::Shutdown => Some((
+                ReasonCode::SERVER_SHUTTING_DOWN,
+                "server shutting down".into(),
+            )),
+            Exit::Disconnect { .. } | Exit::Closed(_) => None,
+        }
+    }
+}
+
+/// What woke the packet loop.
+enum Event {
+    Io(IoEvent),
+    IoError(std::io::Error),
+    Queued,
+    KeepAlive,
+    Shutdown,
+}
+
+/// Packet counters, added to the shared stats once per loop turn.
+#[derive(Debug, Default)]
+struct Counters {
+    packets_in: u64,
+    packets_out: u64,
+    publish_in: u64,
+    publish_out: u64,
+}
+
+/// A connected client: its connection, its session, and what CONNECT negotiated.
+struct Client<S> {
+    shared: Arc<Shared>,
+    conn: Connection<S>,
+    session: Arc<Session>,
+    /// Ownership of the session; released when detached so a takeover can proceed.
+    permit: Option<OwnedSemaphorePermit>,
+    peer: SocketAddr,
+    v5: bool,
+    /// 1.5 × the keep-alive in force; `None` when disabled.
+    keep_alive: Option<Duration>,
+    last_packet: Instant,
+    will: Option<Box<LastWill>>,
+    /// Session expiry in seconds as it stands now (DISCONNECT may change it); `u32::MAX` =
+    /// never.
+    session_expiry: u32,
+    /// Whether CONNECT asked for expiry 0 (DISCONNECT may then not raise it).
+    connect_expiry_was_zero: bool,
+    /// Outbound QoS 1/2 messages allowed in flight.
+    inflight_limit: usize,
+    /// Largest packet we may send to this client.
+    max_outbound_packet: usize,
+    /// Inbound QoS 2 messages the client may have awaiting PUBREL.
+    receive_maximum: usize,
+    /// MQTT 5 topic aliases; boxed because most connections never use them and an idle
+    /// connection should stay small.
+    aliases: Option<Box<(InboundAliases, OutboundAliases)>>,
+    /// The last fill stopped at the write high-water mark with deliveries still queued.
+    more_queued: bool,
+    counters: Counters,
+}
+
+/// Outcome of looking up the session for a CONNECT.
+struct Acquired {
+    session: Arc<Session>,
+    permit: OwnedSemaphorePermit,
+    present: bool,
+    /// Inflight messages to resend, in order.
+    resend: Vec<(u16, Awaiting, Delivery)>,
+}
+
+impl<S> Client<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Answer CONNECT. `None` when the connection was refused (and closed).
+    async fn accept(
+        shared: Arc<Shared>,
+        mut conn: Connection<S>,
+        mut connect: Box<Connect>,
+        peer: SocketAddr,
+    ) -> Option<Client<S>> {
+        let version = connect.protocol;
+        conn.version = version;
+        let v5 = version.is_v5();
+        let config = &shared.config;
+
+        if shared
+            .connections
+            .load(std::sync::atomic::Ordering::Acquire)
+            > config.max_connections
+        {
+            tracing::warn!(
+                %peer,
+                limit = config.max_connections,
+                "Connection refused: too many connections."
+            );
+            refuse(&mut conn, ReasonCode::SERVER_BUSY, "too many connections").await;
+            return None;
+        }
+        if v5 && connect.properties.authentication_method.is_some() {
+            refuse(
+                &mut conn,
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported",
+            )
+            .await;
+            return None;
+        }
+
+        let mut assigned_client_id = None;
+        let client_id = if connect.client_id.is_empty() {
+            let allowed = match version {
+                ProtocolVersion::V31 => false,
+                ProtocolVersion::V311 => connect.clean_start,
+                ProtocolVersion::V5 => true,
+            };
+            if !allowed {
+                refuse(
+                    &mut conn,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "empty client id needs clean session",
+                )
+                .await;
+                return None;
+            }
+            let id = shared.assign_client_id();
+            if v5 {
+                assigned_client_id = Some(id.clone());
+            }
+            id
+        } else {
+            std::mem::take(&mut connect.client_id)
+        };
+
+        let requested_expiry = if v5 {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let session_expiry = config
+            .max_session_expiry
+            .map_or(requested_expiry, |cap| requested_expiry.min(cap));
+
+        let acquired = tokio::select! {
+            result = tokio::time::timeout(
+                TAKEOVER_TIMEOUT,
+                acquire_session(&shared, &client_id, connect.clean_start),
+            ) => result,
+            () = shared.shutdown.cancelled() => return None,
+        };
+        let acquired = match acquired {
+            Ok(Some(acquired)) => acquired,
+            Ok(None) => {
+                refuse(
+                    &mut conn,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "client id in use by a local client",
+                )
+                .await;
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    client_id,
+                    "Previous connection did not let go of the session."
+                );
+                refuse(&mut conn, ReasonCode::SERVER_UNAVAILABLE, "session busy").await;
+                return None;
+            }
+        };
+
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        if v5
+            && (keep_alive > config.max_keep_alive
+                || (keep_alive == 0 && config.max_keep_alive != u16::MAX))
+        {
+            keep_alive = config.max_keep_alive;
+            server_keep_alive = Some(keep_alive);
+        }
+
+        let receive_maximum = if config.receive_maximum == 0 {
+            u16::MAX
+        } else {
+            config.receive_maximum
+        };
+        let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        let server_inflight = if config.max_inflight == 0 {
+            u16::MAX
+        } else {
+            config.max_inflight
+        };
+        let inflight_limit =
+            usize::from(client_receive_maximum.min(server_inflight)).clamp(1, MAX_INFLIGHT_CAP);
+        let max_outbound_packet = connect
+            .properties
+            .maximum_packet_size
+            .unwrap_or(u32::MAX)
+            .min(config.max_packet_size) as usize;
+
+        let mut properties = Properties::default();
+        if v5 {
+            properties = Properties {
+                session_expiry_interval: (session_expiry != requested_expiry)
+                    .then_some(session_expiry),
+                assigned_client_identifier: assigned_client_id,
+                server_keep_alive,
+                receive_maximum: (receive_maximum != u16::MAX).then_some(receive_maximum),
+                topic_alias_maximum: (config.topic_alias_maximum > 0)
+                    .then_some(config.topic_alias_maximum),
+                maximum_packet_size: Some(config.max_packet_size),
+                retain_available: Some(1),
+                wildcard_subscription_available: Some(1),
+                subscription_identifier_available: Some(1),
+                shared_subscription_available: Some(1),
+                response_information: (connect.properties.request_response_information == Some(1))
+                    .then(|| format!("polyhub/response/{client_id}")),
+                ..Properties::default()
+            };
+        }
+
+        let mut client = Client {
+            conn,
+            session: acquired.session,
+            permit: Some(acquired.permit),
+            peer,
+            v5,
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            last_packet: Instant::now(),
+            will: connect.will.take().map(Box::new),
+            session_expiry,
+            connect_expiry_was_zero: requested_expiry == 0,
+            inflight_limit,
+            max_outbound_packet,
+            receive_maximum: usize::from(receive_maximum),
+            aliases: v5.then(|| {
+                Box::new((
+                    InboundAliases::new(config.topic_alias_maximum),
+                    OutboundAliases::new(connect.properties.topic_alias_maximum.unwrap_or(0)),
+                ))
+            }),
+            more_queued: false,
+            counters: Counters::default(),
+            shared,
+        };
+
+        let stats = &client.shared.stats;
+        Stats::add(&stats.clients_connected, 1);
+        let connected = stats
+            .clients_connected
+            .load(std::sync::atomic::Ordering::Relaxed);
+        stats
+            .clients_maximum
+            .fetch_max(connected, std::sync::atomic::Ordering::Relaxed);
+
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: acquired.present,
+            reason_code: ReasonCode::SUCCESS,
+            properties,
+        });
+        if client.send(&connack).is_err() {
+            client
+                .finish(Exit::Closed("cannot encode CONNACK".into()))
+                .await;
+            return None;
+        }
+        let now = Instant::now();
+        for (packet_id, stage, delivery) in acquired.resend {
+            if stage == Awaiting::Comp {
+                let _ = client.send(&Packet::PubRel(PubResponse::success(packet_id)));
+            } else {
+                client.encode_publish(&delivery, packet_id, true, now);
+            }
+        }
+
+        tracing::debug!(
+            client_id = %client.session.client_id,
+            %peer,
+            protocol = version.level(),
+            clean_start = connect.clean_start,
+            session_present = acquired.present,
+            keep_alive,
+            "Client connected."
+        );
+        Some(client)
+    }
+
+    /// The packet loop; returns why the connection ends.
+    async fn run(&mut self) -> Exit {
+        let mut keep_alive_timer = Box::pin(sleep_until(
+            self.last_packet + self.keep_alive.unwrap_or_default(),
+        ));
+        loop {
+            if self.fill() {
+                return Exit::TakenOver;
+            }
+            self.flush_counters();
+            // At the high-water mark `fill` moved nothing: the wait must end when the write
+            // buffer drains, or deliveries queued meanwhile would wait for the next wake-up.
+            let report_drained = self.more_queued || self.conn.pending_write() >= WRITE_HIGH_WATER;
+            let event = tokio::select! {
+                biased;
+                () = self.shared.shutdown.cancelled() => Event::Shutdown,
+                result = self.conn.io(report_drained) => match result {
+                    Ok(event) => Event::Io(event),
+                    Err(error) => Event::IoError(error),
+                },
+                // Always listened to, even with a full write buffer: it also signals takeover.
+                () = self.session.notify.notified() => Event::Queued,
+                () = keep_alive_timer.as_mut(), if self.keep_alive.is_some() => Event::KeepAlive,
+            };
+            match event {
+                Event::Io(IoEvent::Read(_)) => {
+                    if let Err(exit) = self.handle_input() {
+                        return exit;
+                    }
+                }
+                Event::Io(IoEvent::Drained) | Event::Queued => {}
+                Event::Io(IoEvent::Eof) => return Exit::Closed("closed by the client".into()),
+                Event::IoError(error) => return Exit::Closed(error.to_string()),
+                Event::KeepAlive => {
+                    let period = self.keep_alive.unwrap_or_default();
+                    let deadline = self.last_packet + period;
+                    if Instant::now() >= deadline {
+                        return Exit::KeepAliveTimeout;
+                    }
+                    keep_alive_timer.as_mut().reset(deadline);
+                }
+                Event::Shutdown => return Exit::Shutdown,
+            }
+        }
+    }
+
+    /// Decode and handle every complete packet in the read buffer.
+    fn handle_input(&mut self) -> Result<(), Exit> {
+        let max_packet_size = self.shared.config.max_packet_size as usize;
+        let mut received = false;
+        let result = loop {
+            match decode(&mut self.conn.read_buf, self.conn.version, max_packet_size) {
+                Ok(Some(packet)) => {
+                    received = true;
+                    self.counters.packets_in += 1;
+                    if let Err(exit) = self.handle_packet(packet) {
+                        break Err(exit);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(Exit::violation(error.reason_code(), error.to_string())),
+            }
+        };
+        if received {
+            self.last_packet = Instant::now();
+        }
+        result
+    }
+
+    fn handle_packet(&mut self, packet: Packet) -> Result<(), Exit> {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(publish),
+            Packet::PubAck(response) => {
+                self.handle_puback(&response);
+                Ok(())
+            }
+            Packet::PubRec(response) => self.handle_pubrec(&response),
+            Packet::PubRel(response) => self.handle_pubrel(&response),
+            Packet::PubComp(response) => {
+                self.handle_pubcomp(&response);
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(disconnect) => Err(self.handle_disconnect(&disconnect)),
+            Packet::Connect(_) => Err(Exit::violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "second CONNECT",
+            )),
+            Packet::Auth(_) => Err(Exit::violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "AUTH without an authentication method",
+            )),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
+                Exit::violation(ReasonCode::PROTOCOL_ERROR, "packet only a server may send"),
+            ),
+        }
+    }
+
+    fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
+        self.counters.publish_in += 1;
+        if let Some(aliases) = self.aliases.as_deref_mut() {
+            aliases
+                .0
+                .resolve(&mut publish)
+                .map_err(|reason| Exit::violation(reason, "invalid topic alias"))?;
+        } else if publish.topic.is_empty() {
+            return Err(Exit::violation(
+                ReasonCode::TOPIC_NAME_INVALID,
+                "empty topic",
+            ));
+        }
+        let packet_id = publish.packet_id;
+        match publish.qos {
+            QoS::AtMostOnce => {
+                self.shared
+                    .publish(Message::from_publish(publish, self.session.id));
+                Ok(())
+            }
+            QoS::AtLeastOnce => {
+                let matched = self
+                    .shared
+                    .publish(Message::from_publish(publish, self.session.id));
+                self.send(&Packet::PubAck(self.publish_response(packet_id, matched)))
+            }
+            QoS::ExactlyOnce => {
+                {
+                    let mut state = self.session.state.lock();
+                    if state.awaiting_release.contains(&packet_id) {
+                        // A resend of a message already routed: acknowledge it again only.
+                        drop(state);
+                        return self.send(&Packet::PubRec(PubResponse::success(packet_id)));
+                    }
+                    if self.v5 && state.awaiting_release.len() >= self.receive_maximum {
+                        return Err(Exit::violation(
+                            ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                            "too many QoS 2 messages awaiting PUBREL",
+                        ));
+                    }
+                    state.awaiting_release.push(packet_id);
+                }
+                let matched = self
+                    .shared
+                    .publish(Message::from_publish(publish, self.session.id));
+                self.send(&Packet::PubRec(self.publish_response(packet_id, matched)))
+            }
+        }
+    }
+
+    /// PUBACK/PUBREC for a routed message: MQTT 5 says when nobody matched.
+    fn publish_response(&self, packet_id: u16, matched: usize) -> PubResponse {
+        let mut response = PubResponse::success(packet_id);
+        if self.v5 && matched == 0 {
+            response.reason_code = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+        }
+        response
+    }
+
+    fn handle_puback(&mut self, response: &PubResponse) {
+        let mut state = self.session.state.lock();
+        if let Some(position) = state.inflight_position(response.packet_id)
+            && state.inflight[position].stage == Awaiting::Ack
+        {
+            state.inflight.remove(position);
+        }
+    }
+
+    fn handle_pubrec(&mut self, response: &PubResponse) -> Result<(), Exit> {
+        let packet_id = response.packet_id;
+        let reply = {
+            let mut state = self.session.state.lock();
+            match state.inflight_position(packet_id) {
+                Some(position) if state.inflight[position].stage != Awaiting::Ack => {
+                    if self.v5 && response.reason_code.is_error() {
+                        // The client refused the message: the flow ends here.
+                        state.inflight.remove(position);
+                        return Ok(());
+                    }
+                    state.inflight[position].stage = Awaiting::Comp;
+                    PubResponse::success(packet_id)
+                }
+                _ => {
+                    let mut reply = PubResponse::success(packet_id);
+                    if self.v5 {
+                        reply.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                    }
+                    reply
+                }
+            }
+        };
+        self.send(&Packet::PubRel(reply))
+    }
+
+    fn handle_pubrel(&mut self, response: &PubResponse) -> Result<(), Exit> {
+        let packet_id = response.packet_id;
+        let known = {
+            let mut state = self.session.state.lock();
+            match state
+                .awaiting_release
+                .iter()
+                .position(|&id| id == packet_id)
+            {
+                Some(position) => {
+                    state.awaiting_release.swap_remove(position);
+                    true
+                }
+                None => false,
+            }
+        };
+        let mut reply = PubResponse::success(packet_id);
+        if self.v5 && !known {
+            reply.reason_code = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+        }
+        self.send(&Packet::PubComp(reply))
+    }
+
+    fn handle_pubcomp(&mut self, response: &PubResponse) {
+        let mut state = self.session.state.lock();
+        if let Some(position) = state.inflight_position(response.packet_id)
+            && state.inflight[position].stage == Awaiting::Comp
+        {
+            state.inflight.remove(position);
+        }
+    }
+
+    fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
+        let identifier = if self.v5 {
+            subscribe
+                .properties
+                .subscription_identifiers
+                .first()
+                .copied()
+        } else {
+            None
+        };
+        let mut reason_codes = Vec::with_capacity(subscribe.filters.len());
+        let mut retained = Vec::new();
+        for requested in &subscribe.filters {
+            let filter = requested.filter.as_str();
+            let shared_group = topic::parse_shared(filter).ok().flatten().is_some();
+            if !Shared::filter_is_valid(filter) {
+                reason_codes.push(if self.v5 {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
+                continue;
+            }
+            let options = if self.v5 {
+                requested.options
+            } else {
+                SubscriptionOptions {
+                    qos: requested.options.qos,
+                    ..SubscriptionOptions::default()
+                }
+            };
+            if shared_group && options.no_local {
+                return Err(Exit::violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no local on a shared subscription",
+                ));
+            }
+            let subscription = Subscription {
+                options,
+                identifier,
+            };
+            let is_new = self.shared.subscribe(&self.session, filter, subscription);
+            reason_codes.push(ReasonCode(options.qos as u8));
+            let send_retained = match options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNewSubscription => is_new,
+                RetainHandling::DoNotSend => false,
+            };
+            if send_retained && !shared_group {
+                retained.extend(self.shared.retained_for(filter, &subscription));
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            reason_codes,
+            properties: Properties::default(),
+        }))?;
+        // Queued after the SUBACK is encoded, so they reach the client after it.
+        self.session.enqueue_unbounded(retained);
+        Ok(())
+    }
+
+    fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Exit> {
+        let mut reason_codes = Vec::new();
+        for filter in &unsubscribe.filters {
+            let existed = self.shared.unsubscribe(&self.session, filter);
+            if self.v5 {
+                reason_codes.push(if existed {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::NO_SUBSCRIPTION_EXISTED
+                });
+            }
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            reason_codes,
+            properties: Properties::default(),
+        }))
+    }
+
+    fn handle_disconnect(&mut self, disconnect: &Disconnect) -> Exit {
+        if !self.v5 {
+            return Exit::Disconnect { will: false };
+        }
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            if self.connect_expiry_was_zero && expiry != 0 {
+                return Exit::violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "session expiry cannot be set at DISCONNECT when CONNECT had 0",
+                );
+            }
+            self.session_expiry = self
+                .shared
+                .config
+                .max_session_expiry
+                .map_or(expiry, |cap| expiry.min(cap));
+        }
+        // Only "normal disconnection" discards the will (MQTT 5 §3.1.2.5): 0x04 asks for it,
+        // and so does any error the client reports.
+        Exit::Disconnect {
+            will: disconnect.reason_code != ReasonCode::NORMAL_DISCONNECTION,
+        }
+    }
+
+    /// Encode `packet` into the write buffer.
+    fn send(&mut self, packet: &Packet) -> Result<(), Exit> {
+        match self.conn.send(packet) {
+            Ok(()) => {
+                self.counters.packets_out += 1;
+                Ok(())
+            }
+            Err(error) => Err(Exit::Closed(format!("cannot encode a packet: {error}"))),
+        }
+    }
+
+    /// Move queued deliveries into flight and into the write buffer, within the inflight
+    /// limit and up to the write high-water mark. Returns `true` when another connection has
+    /// taken the session over (nothing is moved then).
+    fn fill(&mut self) -> bool {
+        self.more_queued = false;
+        let now = Instant::now();
+        loop {
+            let mut batch: Vec<(Delivery, u16)> = Vec::new();
+            let queue_left = {
+                let mut state = self.session.state.lock();
+                if state.taken_over {
+                    return true;
+                }
+                if self.conn.pending_write() >= WRITE_HIGH_WATER {
+                    self.more_queued = !state.queue.is_empty();
+                    return false;
+                }
+                while batch.len() < FILL_BATCH {
+                    let Some(front) = state.queue.front() else {
+                        break;
+                    };
+                    let qos = front.qos;
+                    if qos != QoS::AtMostOnce && state.inflight.len() >= self.inflight_limit {
+                        break;
+                    }
+                    let Some(delivery) = state.queue.pop_front() else {
+                        break;
+                    };
+                    if delivery.message.is_expired(now) {
+                        continue;
+                    }
+                    let packet_id = match qos {
+                        QoS::AtMostOnce => 0,
+                        QoS::AtLeastOnce | QoS::ExactlyOnce => {
+                            let packet_id = state.allocate_packet_id();
+                            state.inflight.push_back(Inflight {
+                                packet_id,
+                                delivery: delivery.clone(),
+                                stage: if qos == QoS::AtLeastOnce {
+                                    Awaiting::Ack
+                                } else {
+                                    Awaiting::Rec
+                                },
+                            });
+                            packet_id
+                        }
+                    };
+                    batch.push((delivery, packet_id));
+                }
+                batch.len() == FILL_BATCH && !state.queue.is_empty()
+            };
+            if batch.is_empty() {
+                return false;
+            }
+            let mut not_sent = Vec::new();
+            for (delivery, packet_id) in &batch {
+                if !self.encode_publish(delivery, *packet_id, false, now) && *packet_id != 0 {
+                    not_sent.push(*packet_id);
+                }
+            }
+            if !not_sent.is_empty() {
+                // Too large for the client: behave as if delivered (MQTT 5 §3.1.2.11.4).
+                let mut state = self.session.state.lock();
+                state
+                    .inflight
+                    .retain(|entry| !not_sent.contains(&entry.packet_id));
+            }
+            if !queue_left {
+                return false;
+            }
+        }
+    }
+
+    /// Encode one PUBLISH for `delivery`. Returns `false` when it was not sent because it is
+    /// larger than the client accepts (counted as dropped).
+    fn encode_publish(
+        &mut self,
+        delivery: &Delivery,
+        packet_id: u16,
+        dup: bool,
+        now: Instant,
+    ) -> bool {
+        let message = &delivery.message;
+        let mut alias = OutboundAlias::None;
+        let (topic, properties) = if let Some(aliases) = self.aliases.as_deref_mut() {
+            alias = aliases.1.for_topic(&message.topic);
+            let (topic, topic_alias) = match alias {
+                OutboundAlias::None => (message.topic.clone(), None),
+                OutboundAlias::Define(alias) => (message.topic.clone(), Some(alias)),
+                OutboundAlias::Use(alias) => (String::new(), Some(alias)),
+            };
+            (
+                topic,
+                message.publish_properties(now, &delivery.subscription_ids, topic_alias),
+            )
+        } else {
+            (message.topic.clone(), Properties::default())
+        };
+        let packet = Packet::Publish(Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic,
+            packet_id,
+            payload: message.payload.clone(),
+            properties,
+        });
+        let sent = match self.conn.send_within(&packet, self.max_outbound_packet) {
+            Ok(sent) => sent,
+            Err(error) => {
+                tracing::debug!(
+                    client_id = %self.session.client_id,
+                    %error,
+                    "Cannot encode PUBLISH."
+                );
+                false
+            }
+        };
+        if sent {
+            self.counters.packets_out += 1;
+            self.counters.publish_out += 1;
+        } else {
+            if let (OutboundAlias::Define(_), Some(aliases)) = (alias, self.aliases.as_deref_mut())
+            {
+                aliases.1.forget(&message.topic);
+            }
+            Stats::add(&self.shared.stats.publish_dropped, 1);
+            tracing::debug!(
+                client_id = %self.session.client_id,
+                topic = %message.topic,
+                "PUBLISH larger than the client accepts; dropped."
+            );
+        }
+        sent
+    }
+
+    fn flush_counters(&mut self) {
+        let stats = &self.shared.stats;
+        let (read, written) = self.conn.take_byte_counts();
+        let counters = std::mem::take(&mut self.counters);
+        for (counter, value) in [
+            (&stats.bytes_received, read),
+            (&stats.bytes_sent, written),
+            (&stats.messages_received, counters.packets_in),
+            (&stats.messages_sent, counters.packets_out),
+            (&stats.publish_received, counters.publish_in),
+            (&stats.publish_sent, counters.publish_out),
+        ] {
+            if value > 0 {
+                Stats::add(counter, value);
+            }
+        }
+    }
+
+    /// Tell an MQTT 5 client why it is disconnected, detach from the session, and close.
+    async fn finish(mut self, exit: Exit) {
+        let client_id = self.session.client_id.clone();
+        match &exit {
+            Exit::Disconnect { .. } => tracing::debug!(client_id, "Client disconnected."),
+            Exit::Shutdown => tracing::debug!(client_id, "Client disconnected: shutting down."),
+            Exit::TakenOver => {
+                tracing::info!(
+                    client_id,
+                    peer = %self.peer,
+                    "Client taken over by a new connection."
+                )
+            }
+            Exit::KeepAliveTimeout => {
+                tracing::info!(client_id, peer = %self.peer, "Client keep-alive timed out.")
+            }
+            Exit::Closed(detail) => tracing::debug!(client_id, detail, "Client connection closed."),
+            Exit::Violation { reason, detail } => tracing::info!(
+                client_id,
+                peer = %self.peer,
+                reason = reason.0,
+                detail,
+                "Client disconnected for a protocol violation."
+            ),
+        }
+        if self.v5
+            && let Some((reason, detail)) = exit.disconnect_reason()
+        {
+            let explained = Packet::Disconnect(Disconnect {
+                reason_code: reason,
+                properties: Properties {
+                    reason_string: Some(detail),
+                    ..Properties::default()
+                },
+            });
+            // The reason string is optional: leave it out if the client's maximum packet size
+            // does not allow it.
+            if !matches!(
+                self.conn.send_within(&explained, self.max_outbound_packet),
+                Ok(true)
+            ) {
+                let _ = self.send(&Packet::Disconnect(Disconnect::with_reason(reason)));
+            }
+        }
+        self.detach(&exit);
+        Stats::sub(&self.shared.stats.clients_connected, 1);
+        self.conn.close(CLOSE_TIMEOUT).await;
+        self.flush_counters();
+    }
+
+    /// Leave the session: end it (expiry 0) or keep it with its expiry timer, and publish or
+    /// schedule the will.
+    fn detach(&mut self, exit: &Exit) {
+        let taken_over = matches!(exit, Exit::TakenOver);
+        let will = self.will.take().filter(|_| exit.publishes_will());
+        let will_delay = will
+            .as_ref()
+            .and_then(|will| will.properties.will_delay_interval)
+            .unwrap_or(0);
+        let will = will.map(|will| Message::from_will(*will, self.session.id));
+        let shared = Arc::clone(&self.shared);
+        let session = Arc::clone(&self.session);
+        let queue_qos0 = shared.config.queue_qos0_messages;
+
+        session.set_online(false);
+        let mut publish_now = None;
+        let mut delayed_will = None;
+        let (ends_now, keeps, epoch) = {
+            let mut sessions = shared.sessions.lock();
+            let registered = sessions
+                .get(&session.client_id)
+                .is_some_and(|current| Arc::ptr_eq(current, &session));
+            let mut state = session.state.lock();
+            state.attached = false;
+            state.detach_epoch += 1;
+            if !queue_qos0 {
+                state
+                    .queue
+                    .retain(|delivery| delivery.qos != QoS::AtMostOnce);
+            }
+            // Expiry 0 ends the session with its connection, takeover or not; otherwise a
+            // takeover keeps it only if the new connection did not ask for a clean start.
+            let ends_now = registered && self.session_expiry == 0;
+            let keeps = registered
+                && self.session_expiry != 0
+                && (!taken_over || state.takeover_keeps_session);
+            if ends_now {
+                sessions.remove(&session.client_id);
+            }
+            if let Some(will) = will {
+                let delay = if keeps {
+                    will_delay.min(self.session_expiry)
+                } else {
+                    0
+                };
+                if delay == 0 {
+                    publish_now = Some(will);
+                } else {
+                    // Set before the permit is released, so a connection resuming the session
+                    // cancels it.
+                    state.pending_will = Some(Box::new(will));
+                    delayed_will = Some(Duration::from_secs(u64::from(delay)));
+                }
+            }
+            (ends_now, keeps, state.detach_epoch)
+        };
+        self.permit = None;
+
+        if ends_now {
+            shared.end_session(&session);
+        }
+        if let Some(will) = publish_now {
+            tracing::debug!(
+                client_id = %session.client_id,
+                topic = %will.topic,
+                "Publishing will."
+            );
+            shared.publish(will);
+        }
+        if let Some(delay) = delayed_will
+            && delay < NEVER
+        {
+            spawn_will_timer(Arc::clone(&shared), Arc::clone(&session), epoch, delay);
+        }
+        // After a takeover the new connection normally attaches at once and the timer finds
+        // it attached; armed anyway in case that connection never completes.
+        let expiry = Duration::from_secs(u64::from(self.session_expiry));
+        if keeps && expiry < NEVER {
+            spawn_expiry_timer(shared, session, epoch, expiry);
+        }
+    }
+}
+
+/// Find or create the session for `client_id`, taking it over from a connection still
+/// attached, and attach to it. `None` when a local client holds the id.
+///
+/// Waiting for the previous connection is bounded by the caller; the wait is retried in short
+/// slices so that a connection that attached in between (a third client) is asked to go too.
+async fn acquire_session(shared: &Shared, client_id: &str, clean_start: bool) -> Option<Acquired> {
+    loop {
+        let existing = shared.sessions.lock().get(client_id).cloned();
+        let Some(existing) = existing else {
+            let session = Arc::new(Session::new(
+                shared.next_session_id(),
+                client_id.to_owned(),
+                SessionKind::Network,
+                shared.config.max_queued_messages,
+            ));
+            let Ok(permit) = Arc::clone(&session.owner).try_acquire_owned() else {
+                continue;
+            };
+            let mut sessions = shared.sessions.lock();
+            if sessions.contains_key(client_id) {
+                continue;
+            }
+            sessions.insert(client_id.to_owned(), Arc::clone(&session));
+            attach(&session);
+            return Some(Acquired {
+                session,
+                permit,
+                present: false,
+                resend: Vec::new(),
+            });
+        };
+        if existing.kind == SessionKind::Local {
+            return None;
+        }
+        let attached = {
+            let mut state = existing.state.lock();
+            if state.attached {
+                state.taken_over = true;
+                state.takeover_keeps_session = !clean_start;
+            }
+            state.attached
+        };
+        if attached {
+            existing.notify.notify_one();
+        }
+        let permit = match tokio::time::timeout(
+            Duration::from_millis(100),
+            Arc::clone(&existing.owner).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => continue,
+        };
+        let mut sessions = shared.sessions.lock();
+        if !sessions
+            .get(client_id)
+            .is_some_and(|current| Arc::ptr_eq(current, &existing))
+        {
+            continue;
+        }
+        if clean_start {
+            let session = Arc::new(Session::new(
+                shared.next_session_id(),
+                client_id.to_owned(),
+                SessionKind::Network,
+                shared.config.max_queued_messages,
+            ));
+            let Ok(new_permit) = Arc::clone(&session.owner).try_acquire_owned() else {
+                continue;
+            };
+            sessions.insert(client_id.to_owned(), Arc::clone(&session));
+            attach(&session);
+            drop(sessions);
+            shared.end_session(&existing);
+            drop(permit);
+            return Some(Acquired {
+                session,
+                permit: new_permit,
+                present: false,
+                resend: Vec::new(),
+            });
+        }
+        let resend = attach(&existing);
+        drop(sessions);
+        return Some(Acquired {
+            session: existing,
+            permit,
+            present: true,
+            resend,
+        });
+    }
+}
+
+/// Mark `session` as driven by a connection; cancels a delayed will. Returns the inflight
+/// messages to resend. Called with the sessions map locked, so expiry timers see either the
+/// old or the new state.
+fn attach(session: &Session) -> Vec<(u16, Awaiting, Delivery)> {
+    let mut state = session.state.lock();
+    state.attached = true;
+    state.taken_over = false;
+    state.takeover_keeps_session = false;
+    state.pending_will = None;
+    session.set_online(true);
+    state
+        .inflight
+        .iter()
+        .map(|entry| (entry.packet_id, entry.stage, entry.delivery.clone()))
+        .collect()
+}
+
+/// Refuse a CONNECT with `reason` (3.x clients get the matching return code) and close.
+async fn refuse<S>(conn: &mut Connection<S>, reason: ReasonCode, detail: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut properties = Properties::default();
+    if conn.version.is_v5() {
+        properties.reason_string = Some(detail.to_owned());
+    }
+    let _ = conn.send(&Packet::ConnAck(ConnAck {
+        session_present: false,
+        reason_code: reason,
+        properties,
+    }));
+    conn.close(CLOSE_TIMEOUT).await;
+}
+
+/// Publish `session`'s pending will after `delay`, unless a connection resumed the session or
+/// it ended (and published it) first.
+fn spawn_will_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, delay: Duration) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        let will = {
+            let mut state = session.state.lock();
+            if !state.attached && state.detach_epoch == epoch {
+                state.pending_will.take()
+            } else {
+                None
+            }
+        };
+        if let Some(will) = will {
+            tracing::debug!(client_id = %session.client_id, "Will delay over: publishing will.");
+            shared.publish(*will);
+        }
+    });
+}
+
+/// End `session` after `expiry` unless a connection resumed it first.
+fn spawn_expiry_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, expiry: Duration) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(expiry) => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        {
+            let mut sessions = shared.sessions.lock();
+            if !sessions
+                .get(&session.client_id)
+                .is_some_and(|current| Arc::ptr_eq(current, &session))
+            {
+                return;
+            }
+            let state = session.state.lock();
+            if state.attached || state.detach_epoch != epoch {
+                return;
+            }
+            drop(state);
+            sessions.remove(&session.client_id);
+        }
+        tracing::debug!(client_id = %session.client_id, "Session expired.");
+        shared.end_session(&session);
+    });
+}

@@ -1,0 +1,420 @@
+//! Sessions: what the broker keeps for one client id, connected or not.
+//!
+//! Design: a session is an `Arc<Session>` shared by the sessions map, the subscription tree (as
+//! a [`SessionKey`]), the connection task that owns it and its timers. Everything mutable sits
+//! behind one short-lived `parking_lot` mutex that is never held across an `.await`; the
+//! connection task is woken through a [`Notify`] outside that mutex when something is queued.
+//!
+//! Lock order: sessions map → subscription tree → session state → retained store. Routing takes
+//! the tree's read lock only to collect targets and releases it before locking any session.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use polyhub_mqtt::QoS;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{BrokerConfig, QueueFullPolicy};
+use crate::message::{Delivery, Message};
+use crate::stats::Stats;
+
+/// How often, at most, a session's dropped messages are logged.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Who drives a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionKind {
+    /// A network client (TCP or TLS).
+    Network,
+    /// An in-process [`LocalClient`](crate::LocalClient).
+    Local,
+}
+
+/// One client id's session.
+pub(crate) struct Session {
+    /// Unique for the broker's lifetime (never 0, which is the broker itself).
+    pub(crate) id: u64,
+    pub(crate) client_id: String,
+    pub(crate) kind: SessionKind,
+    /// Most deliveries queued (beyond those in flight); 0 = unbounded.
+    max_queued: usize,
+    /// Whether a connection (or a local client) is attached; read without the lock by routing
+    /// (offline QoS 0 filtering, shared-subscription member choice).
+    online: AtomicBool,
+    pub(crate) state: Mutex<SessionState>,
+    /// Wakes the attached connection (or `LocalClient::recv`) when the queue goes from empty to
+    /// non-empty, or when another connection takes the session over.
+    pub(crate) notify: Notify,
+    /// Held by the attached connection task for its whole life, so a client taking the session
+    /// over waits until the previous connection has finished detaching.
+    pub(crate) owner: Arc<Semaphore>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("client_id", &self.client_id)
+            .field("kind", &self.kind)
+            .field("online", &self.is_online())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The acknowledgement an outbound QoS 1/2 message waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Awaiting {
+    /// QoS 1 PUBLISH sent, PUBACK expected.
+    Ack,
+    /// QoS 2 PUBLISH sent, PUBREC expected.
+    Rec,
+    /// PUBREL sent, PUBCOMP expected.
+    Comp,
+}
+
+/// An outbound QoS 1/2 message not yet fully acknowledged.
+#[derive(Debug)]
+pub(crate) struct Inflight {
+    pub(crate) packet_id: u16,
+    pub(crate) delivery: Delivery,
+    pub(crate) stage: Awaiting,
+}
+
+/// The mutable part of a session.
+#[derive(Debug)]
+pub(crate) struct SessionState {
+    /// Filters this session subscribed to (the options live in the subscription tree).
+    pub(crate) subscriptions: HashSet<String>,
+    /// Deliveries waiting to be sent, oldest first.
+    pub(crate) queue: VecDeque<Delivery>,
+    /// Outbound QoS 1/2 messages in flight, in the order they were first sent.
+    pub(crate) inflight: VecDeque<Inflight>,
+    next_packet_id: u16,
+    /// Inbound QoS 2 packet ids received and answered with PUBREC, awaiting PUBREL.
+    pub(crate) awaiting_release: Vec<u16>,
+    /// Whether a network connection drives this session.
+    pub(crate) attached: bool,
+    /// Set by a new connection for this client id: the attached one must go. It sees the flag
+    /// the next time it looks at the queue (it is woken through `notify`).
+    pub(crate) taken_over: bool,
+    /// Set with `taken_over`: whether the new connection keeps the session (clean start 0).
+    /// The old connection reads it to decide whether its will can wait for its delay.
+    pub(crate) takeover_keeps_session: bool,
+    /// Bumped each time a connection detaches; timers armed at a detach only act if it has not
+    /// changed since.
+    pub(crate) detach_epoch: u64,
+    /// A will waiting for its delay interval (MQTT 5) or for the session to end.
+    pub(crate) pending_will: Option<Box<Message>>,
+    dropped_since_log: u64,
+    last_drop_log: Option<Instant>,
+}
+
+impl Session {
+    pub(crate) fn new(id: u64, client_id: String, kind: SessionKind, max_queued: usize) -> Session {
+        Session {
+            id,
+            client_id,
+            kind,
+            max_queued,
+            online: AtomicBool::new(kind == SessionKind::Local),
+            state: Mutex::new(SessionState {
+                subscriptions: HashSet::new(),
+                queue: VecDeque::new(),
+                inflight: VecDeque::new(),
+                next_packet_id: 1,
+                awaiting_release: Vec::new(),
+                attached: false,
+                taken_over: false,
+                takeover_keeps_session: false,
+                detach_epoch: 0,
+                pending_will: None,
+                dropped_since_log: 0,
+                last_drop_log: None,
+            }),
+            notify: Notify::new(),
+            owner: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    /// Whether a connection or local client is attached.
+    pub(crate) fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Release);
+    }
+
+    /// Queue `delivery` for this session, applying the queue bound and the offline rules.
+    /// Returns whether it was queued.
+    ///
+    /// Offline sessions only queue QoS 1/2 (QoS 0 too with `queue_qos0_messages`). When the
+    /// queue holds its maximum (`max_queued_messages` for network clients), the queue-full
+    /// policy drops the newest or the oldest message; drops are counted in `publish_dropped`
+    /// and logged at most once a minute.
+    pub(crate) fn enqueue(&self, delivery: Delivery, config: &BrokerConfig, stats: &Stats) -> bool {
+        if delivery.qos == QoS::AtMostOnce && !config.queue_qos0_messages && !self.is_online() {
+            return false;
+        }
+        let was_empty;
+        {
+            let mut state = self.state.lock();
+            let limit = self.max_queued;
+            if limit != 0 && state.queue.len() >= limit {
+                Stats::add(&stats.publish_dropped, 1);
+                self.note_drop(&mut state);
+                match config.queue_full_policy {
+                    QueueFullPolicy::DropNewest => return false,
+                    QueueFullPolicy::DropOldest => {
+                        state.queue.pop_front();
+                    }
+                }
+            }
+            was_empty = state.queue.is_empty();
+            state.queue.push_back(delivery);
+        }
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Queue deliveries without applying the bound: retained messages sent because the client
+    /// just subscribed (it asked for them, and they are bounded by the retained store).
+    pub(crate) fn enqueue_unbounded(&self, deliveries: impl IntoIterator<Item = Delivery>) {
+        let was_empty;
+        {
+            let mut state = self.state.lock();
+            was_empty = state.queue.is_empty();
+            state.queue.extend(deliveries);
+            if state.queue.is_empty() {
+                return;
+            }
+        }
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Log a drop unless one was logged for this session in the last minute.
+    fn note_drop(&self, state: &mut SessionState) {
+        state.dropped_since_log += 1;
+        let now = Instant::now();
+        if state
+            .last_drop_log
+            .is_none_or(|last| now.duration_since(last) >= DROP_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                client_id = %self.client_id,
+                dropped = state.dropped_since_log,
+                online = self.is_online(),
+                "Session queue full: messages dropped."
+            );
+            state.last_drop_log = Some(now);
+            state.dropped_since_log = 0;
+        }
+    }
+}
+
+impl SessionState {
+    /// A packet id not used by any message in flight. The caller keeps the number in flight
+    /// below 65,535, so one is always free.
+    pub(crate) fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.packet_id_in_use(id) {
+                return id;
+            }
+        }
+    }
+
+    /// Whether an inflight message uses `id`. Ids are handed out in sequence and the inflight
+    /// list is in allocation order, so the ids in use lie in the cyclic window from the
+    /// oldest's to the newest's; the usual candidate (just past the newest) is outside it and
+    /// costs no scan. Only after the counter has wrapped into the window is the list searched.
+    fn packet_id_in_use(&self, id: u16) -> bool {
+        let (Some(oldest), Some(newest)) = (self.inflight.front(), self.inflight.back()) else {
+            return false;
+        };
+        let span = id_distance(oldest.packet_id, newest.packet_id);
+        if id_distance(oldest.packet_id, id) > span {
+            return false;
+        }
+        self.inflight.iter().any(|entry| entry.packet_id == id)
+    }
+
+    /// The inflight entry for `packet_id`, if any. Acknowledgements usually come in order, so
+    /// the front is checked first.
+    pub(crate) fn inflight_position(&self, packet_id: u16) -> Option<usize> {
+        self.inflight
+            .iter()
+            .position(|entry| entry.packet_id == packet_id)
+    }
+}
+
+/// Steps from packet id `from` forward to `to`, on the cycle 1..=65535.
+fn id_distance(from: u16, to: u16) -> u32 {
+    (i32::from(to) - i32::from(from))
+        .rem_euclid(65_535)
+        .unsigned_abs()
+}
+
+/// A session as the subscription tree knows it: equal and hashed by the session's unique id,
+/// and carrying the session itself so routing needs no map lookup.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionKey(pub(crate) Arc<Session>);
+
+impl PartialEq for SessionKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for SessionKey {}
+
+impl Hash for SessionKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id.hash(state);
+    }
+}
+
+impl PartialOrd for SessionKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SessionKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::message::MessageProperties;
+
+    fn delivery(qos: QoS, n: u8) -> Delivery {
+        Delivery {
+            message: Arc::new(Message::new(
+                "t".into(),
+                Bytes::from(vec![n]),
+                qos,
+                false,
+                9,
+                MessageProperties::default(),
+            )),
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    fn queued_payloads(session: &Session) -> Vec<u8> {
+        let state = session.state.lock();
+        state.queue.iter().map(|d| d.message.payload[0]).collect()
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_newest_by_default() {
+        let config = BrokerConfig {
+            max_queued_messages: 2,
+            ..BrokerConfig::default()
+        };
+        let stats = Stats::default();
+        let session = Session::new(
+            1,
+            "c".into(),
+            SessionKind::Network,
+            config.max_queued_messages,
+        );
+        for n in 0..4 {
+            session.enqueue(delivery(QoS::AtLeastOnce, n), &config, &stats);
+        }
+        assert_eq!(queued_payloads(&session), vec![0, 1]);
+        assert_eq!(stats.publish_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn full_queue_can_drop_oldest() {
+        let config = BrokerConfig {
+            max_queued_messages: 2,
+            queue_full_policy: QueueFullPolicy::DropOldest,
+            ..BrokerConfig::default()
+        };
+        let stats = Stats::default();
+        let session = Session::new(
+            1,
+            "c".into(),
+            SessionKind::Network,
+            config.max_queued_messages,
+        );
+        for n in 0..4 {
+            session.enqueue(delivery(QoS::AtLeastOnce, n), &config, &stats);
+        }
+        assert_eq!(queued_payloads(&session), vec![2, 3]);
+        assert_eq!(stats.publish_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn offline_sessions_skip_qos0_unless_configured() {
+        let stats = Stats::default();
+        let session = Session::new(1, "c".into(), SessionKind::Network, 10);
+        let config = BrokerConfig::default();
+        assert!(!session.enqueue(delivery(QoS::AtMostOnce, 0), &config, &stats));
+        assert!(session.enqueue(delivery(QoS::AtLeastOnce, 1), &config, &stats));
+        let config = BrokerConfig {
+            queue_qos0_messages: true,
+            ..BrokerConfig::default()
+        };
+        assert!(session.enqueue(delivery(QoS::AtMostOnce, 2), &config, &stats));
+        assert_eq!(queued_payloads(&session), vec![1, 2]);
+        assert_eq!(stats.publish_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn packet_ids_wrap_into_the_inflight_window_without_reuse() {
+        let session = Session::new(1, "c".into(), SessionKind::Network, 10);
+        let mut state = session.state.lock();
+        state.next_packet_id = 65_534;
+        for id in [65_534, 65_535, 1, 2] {
+            assert_eq!(state.allocate_packet_id(), id);
+            state.inflight.push_back(Inflight {
+                packet_id: id,
+                delivery: delivery(QoS::AtLeastOnce, 0),
+                stage: Awaiting::Ack,
+            });
+        }
+        // Everything but the oldest acknowledged; the counter is then forced back into the
+        // window: ids still in flight are skipped.
+        state.inflight.pop_front();
+        state.next_packet_id = 65_535;
+        assert_eq!(state.allocate_packet_id(), 3);
+        assert_eq!(id_distance(65_535, 1), 1);
+        assert_eq!(id_distance(1, 65_535), 65_534);
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_ids_in_flight() {
+        let session = Session::new(1, "c".into(), SessionKind::Network, 10);
+        let mut state = session.state.lock();
+        state.next_packet_id = u16::MAX;
+        state.inflight.push_back(Inflight {
+            packet_id: 1,
+            delivery: delivery(QoS::AtLeastOnce, 0),
+            stage: Awaiting::Ack,
+        });
+        assert_eq!(state.allocate_packet_id(), u16::MAX);
+        assert_eq!(state.allocate_packet_id(), 2);
+    }
+}
