@@ -69,12 +69,14 @@ pub struct BrokerConfig {
     /// Most simultaneous client connections; further CONNECTs get "server busy" / 3 and are closed.
     pub max_connections: usize,
     /// Most unacknowledged QoS 1/2 messages in flight towards one client (MQTT 5 clients may ask
-    /// for fewer with receive maximum).
+    /// for fewer with receive maximum). 0 means no limit of ours (65,535, the protocol's).
     pub max_inflight: u16,
     /// Most unacknowledged QoS 2 messages a client may have in flight towards us (the receive
-    /// maximum announced in CONNACK).
+    /// maximum announced in CONNACK). 0 means 65,535.
     pub receive_maximum: u16,
     /// Most messages queued for one session beyond those in flight (offline or slow client).
+    /// 0 means unbounded, as in Mosquitto: only for trusted clients, since memory then grows with
+    /// every message a stalled subscriber misses.
     pub max_queued_messages: usize,
     /// What to drop when a session's queue is full.
     pub queue_full_policy: QueueFullPolicy,
