@@ -1,0 +1,21 @@
+//! The client against polyhub's own broker, in process, in MQTT 3.1, 3.1.1 and 5.0.
+
+#[macro_use]
+mod common;
+
+use common::PolyhubBroker;
+
+scenario_tests!(
+    connect_and_disconnect,
+    qos_round_trips,
+    retained,
+    will_on_abrupt_close,
+    no_will_on_clean_disconnect,
+    dropping_handles_disconnects_cleanly,
+    reconnect_and_resubscribe,
+    persistent_session,
+);
+
+async fn start_broker() -> PolyhubBroker {
+    PolyhubBroker::start().await
+}
