@@ -22,6 +22,7 @@ use crate::config::BrokerConfig;
 use crate::error::BrokerError;
 use crate::local::LocalClient;
 use crate::message::Message;
+use crate::persist::{self, RestoreSummary, Snapshot};
 use crate::retained::RetainedStore;
 use crate::session::{Session, SessionKey, SessionKind};
 use crate::stats::Stats;
@@ -256,6 +257,20 @@ impl Broker {
     /// `sys_interval` seconds while a listener runs).
     pub fn publish_sys(&self) {
         sys::publish(&self.shared);
+    }
+
+    /// What persistence saves, taken now: retained messages and persistent sessions (see
+    /// [`persist`](crate::persist)). Each session is locked briefly, one at a time.
+    pub fn snapshot(&self) -> Snapshot {
+        persist::snapshot(&self.shared)
+    }
+
+    /// Put a saved state back, before the listeners start: retained messages replace those on
+    /// the same topics, and sessions come back disconnected, their expiry and will-delay
+    /// timers starting now. A session whose client id is in use is skipped. Needs a tokio
+    /// runtime.
+    pub fn restore(&self, snapshot: Snapshot) -> Result<RestoreSummary, BrokerError> {
+        persist::restore(&self.shared, snapshot)
     }
 
     /// An in-process client with the given client id. Fails if a session with that id exists

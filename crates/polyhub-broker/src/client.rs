@@ -415,6 +415,16 @@ where
             };
         }
 
+        // Persistence saves the session with these settings (expiry, will delay).
+        acquired.session.record_connection(
+            version,
+            session_expiry,
+            connect
+                .will
+                .as_ref()
+                .and_then(|will| will.properties.will_delay_interval)
+                .unwrap_or(0),
+        );
         let mut client = Client {
             conn,
             session: acquired.session,
@@ -805,6 +815,7 @@ where
                 .config
                 .max_session_expiry
                 .map_or(expiry, |cap| expiry.min(cap));
+            self.session.record_session_expiry(self.session_expiry);
         }
         // Only "normal disconnection" discards the will (MQTT 5 §3.1.2.5): 0x04 asks for it,
         // and so does any error the client reports.

@@ -15,6 +15,8 @@ pub struct MqttConfig {
     pub tls: Option<TlsConfig>,
     /// Limits and protocol behaviour (`[mqtt.limits]`).
     pub limits: BrokerConfig,
+    /// Saving the broker's state across restarts (`[mqtt.persistence]`).
+    pub persistence: PersistenceConfig,
 }
 
 impl Default for MqttConfig {
@@ -23,8 +25,47 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             tls: None,
             limits: BrokerConfig::default(),
+            persistence: PersistenceConfig::default(),
         }
     }
+}
+
+/// The `[mqtt.persistence]` section: retained messages and persistent sessions saved to
+/// `<data_dir>/broker.db` (see `docs/persistence.md`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    /// Load the snapshot at start and save it at shutdown and every `autosave_interval`.
+    pub enabled: bool,
+    /// Seconds between saves while running; 0 saves only at shutdown.
+    pub autosave_interval: u64,
+    /// What to do at start when the snapshot cannot be decoded.
+    pub on_corrupt: OnCorrupt,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        PersistenceConfig {
+            enabled: true,
+            autosave_interval: 300,
+            on_corrupt: OnCorrupt::Fail,
+        }
+    }
+}
+
+/// What start-up does with a snapshot file that cannot be decoded.
+///
+/// Design: failing is the default because starting empty would silently drop every retained
+/// message and session; moving the file aside is an explicit choice and keeps the bytes for
+/// inspection.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCorrupt {
+    /// Refuse to start, naming the file and the problem.
+    #[default]
+    Fail,
+    /// Rename the file to `broker.db.corrupt-<unix time>` and start with an empty state.
+    MoveAside,
 }
 
 /// The `[mqtt.tls]` section: a second listener speaking MQTT over TLS (rustls, ring).

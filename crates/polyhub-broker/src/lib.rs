@@ -9,6 +9,8 @@
 //! - [`config`]: the `[mqtt]` configuration section and its limits.
 //! - [`tls`]: the rustls acceptor for the TLS listener.
 //! - [`stats`]: counters and the `$SYS/broker/...` topics.
+//! - [`persist`]: the snapshot file (`broker.db`) that keeps retained messages and persistent
+//!   sessions across restarts.
 //! - `subscriptions` / `retained`: the subscription trie (with `$share` groups) and the retained
 //!   message store.
 //! - `client` / `connection`: one task per network connection (CONNECT handshake, packet loop)
@@ -25,6 +27,7 @@ mod connection;
 mod error;
 mod local;
 mod message;
+pub mod persist;
 mod retained;
 mod router;
 mod session;
@@ -34,7 +37,8 @@ mod sys;
 pub mod tls;
 
 pub use broker::Broker;
-pub use config::{BrokerConfig, MqttConfig, TlsConfig};
+pub use config::{BrokerConfig, MqttConfig, OnCorrupt, PersistenceConfig, TlsConfig};
 pub use error::BrokerError;
 pub use local::{LocalClient, LocalMessage};
 pub use message::MessageProperties;
+pub use persist::{RestoreSummary, Snapshot};

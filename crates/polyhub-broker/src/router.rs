@@ -113,7 +113,11 @@ impl Shared {
                 .store(tree.len() as u64, Ordering::Relaxed);
             is_new
         };
-        session.state.lock().subscriptions.insert(filter.to_owned());
+        session
+            .state
+            .lock()
+            .subscriptions
+            .insert_with(filter.to_owned(), subscription);
         is_new
     }
 

@@ -7,8 +7,9 @@
 //!
 //! Lock order: sessions map → subscription tree → session state → retained store. Routing takes
 //! the tree's read lock only to collect targets and releases it before locking any session.
+//! A session's `persistence` mutex is a leaf: nothing else is locked while it is held.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -16,13 +17,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use polyhub_mqtt::QoS;
+use polyhub_mqtt::{ProtocolVersion, QoS};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{BrokerConfig, QueueFullPolicy};
 use crate::message::{Delivery, Message};
 use crate::stats::Stats;
+use crate::subscriptions::Subscription;
 
 /// How often, at most, a session's dropped messages are logged.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -54,6 +56,30 @@ pub(crate) struct Session {
     /// Held by the attached connection task for its whole life, so a client taking the session
     /// over waits until the previous connection has finished detaching.
     pub(crate) owner: Arc<Semaphore>,
+    /// What only the connection knows and a snapshot needs (see [`PersistenceInfo`]).
+    pub(crate) persistence: Mutex<PersistenceInfo>,
+}
+
+/// What a snapshot needs to know about a session beyond its state: reported by its connection
+/// through [`Session::record_connection`] / [`Session::record_session_expiry`], and the
+/// instant it went offline (from [`Session::set_online`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PersistenceInfo {
+    /// `None` until a connection reports it; a session without it is not persisted.
+    pub(crate) connection: Option<ConnectionInfo>,
+    /// When the session last went offline.
+    pub(crate) offline_since: Option<Instant>,
+}
+
+/// The session-related settings of the CONNECT (or restored snapshot) behind a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnectionInfo {
+    pub(crate) protocol: ProtocolVersion,
+    /// Session expiry interval in seconds, capped by `max_session_expiry`, as it stands now
+    /// (DISCONNECT may change it); `u32::MAX` = never, 0 = ends with the connection.
+    pub(crate) session_expiry: u32,
+    /// Will delay interval in seconds of the connection's will (0: none or no delay).
+    pub(crate) will_delay: u32,
 }
 
 impl fmt::Debug for Session {
@@ -89,8 +115,9 @@ pub(crate) struct Inflight {
 /// The mutable part of a session.
 #[derive(Debug)]
 pub(crate) struct SessionState {
-    /// Filters this session subscribed to (the options live in the subscription tree).
-    pub(crate) subscriptions: HashSet<String>,
+    /// Filters this session subscribed to (routing uses the subscription tree; the options
+    /// recorded here are for snapshots).
+    pub(crate) subscriptions: SubscribedFilters,
     /// Deliveries waiting to be sent, oldest first.
     pub(crate) queue: VecDeque<Delivery>,
     /// Outbound QoS 1/2 messages in flight, in the order they were first sent.
@@ -124,7 +151,7 @@ impl Session {
             max_queued,
             online: AtomicBool::new(kind == SessionKind::Local),
             state: Mutex::new(SessionState {
-                subscriptions: HashSet::new(),
+                subscriptions: SubscribedFilters::default(),
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
                 next_packet_id: 1,
@@ -139,6 +166,28 @@ impl Session {
             }),
             notify: Notify::new(),
             owner: Arc::new(Semaphore::new(1)),
+            persistence: Mutex::new(PersistenceInfo::default()),
+        }
+    }
+
+    /// Record the session settings of the connection that attached (for snapshots).
+    pub(crate) fn record_connection(
+        &self,
+        protocol: ProtocolVersion,
+        session_expiry: u32,
+        will_delay: u32,
+    ) {
+        self.persistence.lock().connection = Some(ConnectionInfo {
+            protocol,
+            session_expiry,
+            will_delay,
+        });
+    }
+
+    /// Record a session expiry changed by DISCONNECT (for snapshots).
+    pub(crate) fn record_session_expiry(&self, session_expiry: u32) {
+        if let Some(connection) = &mut self.persistence.lock().connection {
+            connection.session_expiry = session_expiry;
         }
     }
 
@@ -149,6 +198,8 @@ impl Session {
 
     pub(crate) fn set_online(&self, online: bool) {
         self.online.store(online, Ordering::Release);
+        // A leaf lock: callers may hold the state lock.
+        self.persistence.lock().offline_since = (!online).then(Instant::now);
     }
 
     /// Queue `delivery` for this session, applying the queue bound and the offline rules.
@@ -256,6 +307,60 @@ impl SessionState {
         self.inflight
             .iter()
             .position(|entry| entry.packet_id == packet_id)
+    }
+}
+
+/// A session's subscribed filters, with their options once known.
+///
+/// Routing only needs the subscription tree; the options are kept here as well so that a
+/// snapshot can list a session's subscriptions without searching the tree.
+#[derive(Debug, Default)]
+pub(crate) struct SubscribedFilters {
+    /// Filter → options; `None` while they are not known (a snapshot then skips the session).
+    filters: HashMap<String, Option<Subscription>>,
+}
+
+impl SubscribedFilters {
+    /// Add or update `filter` with its options; returns whether it is new.
+    pub(crate) fn insert_with(&mut self, filter: String, subscription: Subscription) -> bool {
+        self.filters.insert(filter, Some(subscription)).is_none()
+    }
+
+    /// Remove `filter`; returns whether it was there.
+    pub(crate) fn remove(&mut self, filter: &str) -> bool {
+        self.filters.remove(filter).is_some()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Each filter with its options, if known.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, Option<Subscription>)> {
+        self.filters
+            .iter()
+            .map(|(filter, subscription)| (filter.as_str(), *subscription))
+    }
+}
+
+impl<'a> IntoIterator for &'a SubscribedFilters {
+    type Item = &'a String;
+    type IntoIter = std::collections::hash_map::Keys<'a, String, Option<Subscription>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.filters.keys()
+    }
+}
+
+impl SessionState {
+    /// The packet id the next outbound QoS 1/2 message will try first.
+    pub(crate) fn next_packet_id(&self) -> u16 {
+        self.next_packet_id
+    }
+
+    /// Set the packet id counter (restoring a snapshot); 0 becomes 1.
+    pub(crate) fn set_next_packet_id(&mut self, id: u16) {
+        self.next_packet_id = id.max(1);
     }
 }
 

@@ -528,11 +528,15 @@ mod tests {
                 "[mqtt.limits]",
                 expected_fields::<polyhub_broker::BrokerConfig>(),
             ),
+            (
+                "[mqtt.persistence]",
+                expected_fields::<polyhub_broker::PersistenceConfig>(),
+            ),
         ];
         for (section, fields) in sections {
             assert!(!fields.is_empty());
             for field in fields {
-                if ["log", "mqtt", "tls", "limits"].contains(&field.as_str()) {
+                if ["log", "mqtt", "tls", "limits", "persistence"].contains(&field.as_str()) {
                     continue;
                 }
                 let mentioned = DEFAULT_CONFIG_TOML.lines().any(|line| {
@@ -557,9 +561,11 @@ mod tests {
             expected_fields::<MqttConfig>(),
             expected_fields::<TlsConfig>(),
             expected_fields::<polyhub_broker::BrokerConfig>(),
+            expected_fields::<polyhub_broker::PersistenceConfig>(),
         ];
         // Sections are documented under their own headings, not as keys.
-        let is_section = |field: &str| ["log", "mqtt", "tls", "limits"].contains(&field);
+        let is_section =
+            |field: &str| ["log", "mqtt", "tls", "limits", "persistence"].contains(&field);
         for field in sections.into_iter().flatten().filter(|f| !is_section(f)) {
             assert!(
                 docs.contains(&format!("`{field}`")),

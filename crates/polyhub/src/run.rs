@@ -2,8 +2,11 @@
 //!
 //! Order matters here. Everything that can be wrong with the configuration (TLS files
 //! included) is checked before any socket is bound, so a bad setting never leaves a half-started
-//! process. Signal handlers are registered before the listeners are announced, so a SIGTERM
-//! sent right after `MQTT listening on ...` appears always gets the graceful path.
+//! process. The saved broker state is read before binding too (a corrupt snapshot stops the
+//! start), restored before any listener accepts, and saved again once every client has been
+//! disconnected at shutdown. Signal handlers are registered before the listeners are
+//! announced, so a SIGTERM sent right after `MQTT listening on ...` appears always gets the
+//! graceful path.
 
 use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
@@ -11,7 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use polyhub_broker::{Broker, BrokerError};
+use polyhub_broker::persist::{self, PersistError};
+use polyhub_broker::{Broker, BrokerError, Snapshot};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -59,19 +63,47 @@ pub(crate) fn run(config: Config, source: Option<PathBuf>) -> Result<(), Failure
         ))
     })?;
     info!("data directory {}", config.data_dir.display());
+    let saved = load_saved_state(&config)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::Runtime)?;
-    runtime.block_on(serve(&config, tls))
+    runtime.block_on(serve(&config, tls, saved))
+}
+
+/// Where the broker state is saved, when persistence is on.
+fn snapshot_path(config: &Config) -> Option<PathBuf> {
+    config
+        .mqtt
+        .persistence
+        .enabled
+        .then(|| persist::snapshot_path(&config.data_dir))
+}
+
+/// Reads the saved broker state, if persistence is on and a snapshot exists.
+fn load_saved_state(config: &Config) -> Result<Option<Snapshot>, Failure> {
+    let Some(path) = snapshot_path(config) else {
+        return Ok(None);
+    };
+    persist::load_for_startup(&path, config.mqtt.persistence.on_corrupt).map_err(|error| {
+        let hint = match error {
+            PersistError::Corrupt { .. } => {
+                "; to start without it, set on_corrupt = \"move_aside\" in [mqtt.persistence] \
+                 (the file is then renamed, not deleted)"
+            }
+            _ => "",
+        };
+        Failure::Runtime(anyhow!("{error}{hint}"))
+    })
 }
 
 /// Binds the listeners, serves until a signal, then shuts down gracefully.
 async fn serve(
     config: &Config,
     tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
+    saved: Option<Snapshot>,
 ) -> Result<(), Failure> {
     let mut signals = Signals::register()
         .context("cannot install signal handlers")
@@ -85,7 +117,31 @@ async fn serve(
     };
 
     let broker = Broker::new(config.mqtt.limits.clone());
+    let snapshot_path = snapshot_path(config);
+    if let (Some(snapshot), Some(path)) = (saved, &snapshot_path) {
+        let restored = broker
+            .restore(snapshot)
+            .map_err(|error| Failure::Runtime(anyhow!("{}: {error}", path.display())))?;
+        info!(
+            "restored {} retained messages and {} sessions from {}",
+            restored.retained,
+            restored.sessions,
+            path.display()
+        );
+    }
     let (stop, stop_requested) = watch::channel(false);
+    let autosave_every = config.mqtt.persistence.autosave_interval;
+    let autosave = snapshot_path
+        .clone()
+        .filter(|_| autosave_every > 0)
+        .map(|path| {
+            tokio::spawn(persist::autosave(
+                broker.clone(),
+                path,
+                Duration::from_secs(autosave_every),
+                stopped(stop_requested.clone()),
+            ))
+        });
     let mut listeners = JoinSet::new();
 
     let address = bound_address(&mqtt)?;
@@ -120,21 +176,44 @@ async fn serve(
             }
         }
         broker.shutdown().await;
-    };
-    tokio::select! {
-        finished = tokio::time::timeout(SHUTDOWN_GRACE, graceful) => {
-            if finished.is_err() {
-                return Err(Failure::Runtime(anyhow!(
-                    "shutdown did not finish within {} s",
-                    SHUTDOWN_GRACE.as_secs()
-                )));
-            }
+        // A save in progress is finished before the final one starts.
+        if let Some(autosave) = autosave {
+            let _ = autosave.await;
         }
+    };
+    let finished = tokio::select! {
+        finished = tokio::time::timeout(SHUTDOWN_GRACE, graceful) => finished,
         name = signals.recv() => {
             return Err(Failure::Runtime(anyhow!(
                 "{name} received during shutdown, stopping without waiting"
             )));
         }
+    };
+    // Saved even after a slow shutdown: what is in memory is still the best state there is.
+    if let Some(path) = &snapshot_path {
+        tokio::select! {
+            saved = persist::save_broker(&broker, path) => {
+                let saved = saved.map_err(|error| Failure::Runtime(error.into()))?;
+                info!(
+                    "saved {} retained messages and {} sessions to {}",
+                    saved.retained,
+                    saved.sessions,
+                    path.display()
+                );
+            }
+            name = signals.recv() => {
+                return Err(Failure::Runtime(anyhow!(
+                    "{name} received while saving {}, stopping; the previous snapshot is kept",
+                    path.display()
+                )));
+            }
+        }
+    }
+    if finished.is_err() {
+        return Err(Failure::Runtime(anyhow!(
+            "shutdown did not finish within {} s",
+            SHUTDOWN_GRACE.as_secs()
+        )));
     }
     if outcome.is_ok() {
         info!("polyhub stopped");
