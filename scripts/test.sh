@@ -5,8 +5,9 @@
 #
 # Runs on a clean Debian 12 machine with Rust, as root and without a terminal (CI runs it
 # through .ci/run). Missing third-party peers are installed first: Mosquitto and its clients
-# and OpenSSL from Debian, paho-mqtt 1.x and pytest from PyPI. Then: formatting, clippy, the
-# Rust tests, and the interop tests (tests/interop) against the freshly built binary.
+# and OpenSSL from Debian, paho-mqtt 1.x, pytest and sgframework from PyPI. Then: formatting,
+# clippy, the Rust tests, and the interop tests (tests/interop, tests/sgframework) against the
+# freshly built binary and the SDK's sgframework peer.
 # The first failing step stops the run and is named at the end.
 
 set -euo pipefail
@@ -62,8 +63,9 @@ python_peers_present() {
 import sys
 import paho.mqtt
 import pytest  # noqa: F401
+import sgframework  # noqa: F401
 
-# The interop tests use paho-mqtt's 1.x API.
+# The interop tests use paho-mqtt's 1.x API, the one sgframework is written against.
 sys.exit(0 if paho.mqtt.__version__.startswith("1.") else 1)
 EOF
 }
@@ -83,12 +85,12 @@ if ((${#debian_packages[@]})); then
         apt-get install -y -qq --no-install-recommends "${debian_packages[@]}"
 fi
 if ! python_peers_present; then
-    echo "installing from PyPI: paho-mqtt<2 pytest"
+    echo "installing from PyPI: paho-mqtt<2 pytest sgframework"
     # PIP_BREAK_SYSTEM_PACKAGES: Debian's own python3 refuses pip installs without it; this
     # script's job is precisely to put these two packages where python3 finds them.
     PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        python3 -m pip install --quiet "paho-mqtt<2" pytest
-    python_peers_present || { echo "paho-mqtt 1.x or pytest still not importable" >&2; false; }
+        python3 -m pip install --quiet "paho-mqtt<2" pytest sgframework
+    python_peers_present || { echo "paho-mqtt 1.x, pytest or sgframework still not importable" >&2; false; }
 fi
 peers="$(mosquitto -h 2>/dev/null | head -n1 || true)"
 peers+="; paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
@@ -120,24 +122,19 @@ else
     step_done
 fi
 
-step "cargo build -p polyhub"
-cargo build -p polyhub
+step "build the binary and the SDK's interop peer"
+cargo build -p polyhub -p polyhub-sdk --bins --examples
 target_dir=${CARGO_TARGET_DIR:-target}
 [[ $target_dir == /* ]] || target_dir="$PWD/$target_dir"
 polyhub_bin="$target_dir/debug/polyhub"
+sdk_peer="$target_dir/debug/examples/sgframework_peer"
 [[ -x $polyhub_bin ]] || { echo "no binary at $polyhub_bin" >&2; false; }
+[[ -x $sdk_peer ]] || { echo "no sgframework peer at $sdk_peer" >&2; false; }
 step_done
 
 # ---------------------------------------------------------------------------------------------
-step "interop tests (pytest tests/interop)"
-shopt -s nullglob
-interop_tests=(tests/interop/test_*.py tests/interop/*_test.py)
-shopt -u nullglob
-if ((${#interop_tests[@]})); then
-    # pytest exits 5 when it collects nothing; with test files present that is a failure too.
-    POLYHUB_BIN="$polyhub_bin" timeout 30m python3 -m pytest -q tests/interop
-    step_done
-else
-    echo "tests/interop has no test files yet: nothing to run"
-    step_done "no test files"
-fi
+step "interop tests (pytest tests/interop tests/sgframework)"
+# One pytest run, so its closing line counts every interop test.
+POLYHUB_BIN="$polyhub_bin" POLYHUB_SDK_PEER="$sdk_peer" \
+    timeout 30m python3 -m pytest -q tests/interop tests/sgframework
+step_done
