@@ -497,6 +497,13 @@ where
         let mut keep_alive_timer = Box::pin(sleep_until(
             self.last_packet + self.keep_alive.unwrap_or_default(),
         ));
+        // A client may send packets right behind CONNECT, without waiting for CONNACK; they
+        // arrived with it and no further read will announce them.
+        if !self.conn.read_buf.is_empty()
+            && let Err(exit) = self.handle_input()
+        {
+            return exit;
+        }
         loop {
             if self.fill() {
                 return Exit::TakenOver;
