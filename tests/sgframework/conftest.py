@@ -108,3 +108,15 @@ def observe():
     yield start
     for observer in started:
         observer.close()
+
+
+@pytest.fixture
+def polyhub_broker(tmp_path):
+    """polyhub only: for what `polyhub run` itself provides (the built-in service manager)."""
+    broker = Broker("polyhub", tmp_path / "polyhub", polyhub_binary())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        print(broker.log_tail(40))
+        broker.stop()

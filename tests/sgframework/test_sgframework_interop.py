@@ -204,3 +204,19 @@ def test_service_manager_withdraws_a_killed_python_resource(broker, peers, obser
     store = retained(broker, "+/pysign/+")
     assert {topic: store[topic] for topic in withdrawn} == {topic: "False" for topic in withdrawn}
     assert store["resourceavailable/pysign/presence"] == "False"
+
+
+def test_polyhub_run_withdraws_a_killed_python_resource_by_itself(polyhub_broker, peers, observe):
+    """`polyhub run` hosts the service manager: no separate manager process is started here."""
+    broker = polyhub_broker
+    observer = observe(broker, "+/pysign/+")
+    resource = peers.python(broker)
+    resource.expect("READY")
+    observer.wait_for("commandavailable/pysign/state", "True")
+    observer.wait_for("dataavailable/pysign/speed", "True")
+    resource.kill()
+    for topic in ("commandavailable/pysign/state", "dataavailable/pysign/speed"):
+        observer.wait_for(topic, "False")
+    store = retained(broker, "+/pysign/+")
+    assert store["commandavailable/pysign/state"] == "False"
+    assert store["dataavailable/pysign/odometer"] == "False"

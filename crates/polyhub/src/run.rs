@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use polyhub_broker::persist::{self, PersistError};
 use polyhub_broker::{Broker, BrokerError, Snapshot};
+use polyhub_sdk::ServiceManager;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -142,6 +143,16 @@ async fn serve(
                 stopped(stop_requested.clone()),
             ))
         });
+    // sgframework's service manager: when a resource's presence turns False, its signals are
+    // withdrawn (retained commandavailable/dataavailable = False) so Apps see them vanish.
+    let service_manager = broker
+        .local_client("polyhub-servicemanager")
+        .map_err(|error| Failure::Runtime(anyhow!("service manager: {error}")))?;
+    tokio::spawn(async move {
+        if let Err(error) = ServiceManager::new().run_local(service_manager).await {
+            warn!("service manager stopped: {error}");
+        }
+    });
     let mut listeners = JoinSet::new();
 
     let address = bound_address(&mqtt)?;
