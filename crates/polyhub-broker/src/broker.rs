@@ -238,6 +238,13 @@ impl Broker {
     /// clients' `recv` returns `None` once their queue is empty.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
+        // Connection tasks do not wait on the token (it would enlarge every idle connection);
+        // they check it whenever their session's notify wakes them. A session registered
+        // after this loop was registered after the cancel, and its task sees the token
+        // cancelled before it first waits.
+        for session in self.shared.sessions.lock().values() {
+            session.notify.notify_one();
+        }
         self.shared.wait_for_tasks().await;
     }
 

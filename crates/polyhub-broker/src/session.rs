@@ -317,38 +317,94 @@ impl SessionState {
 #[derive(Debug, Default)]
 pub(crate) struct SubscribedFilters {
     /// Filter → options; `None` while they are not known (a snapshot then skips the session).
-    filters: HashMap<String, Option<Subscription>>,
+    filters: Filters,
+}
+
+/// Most sessions hold one or a few filters: a vector sized to fit costs an idle connection a
+/// fraction of the smallest hash map (which allocates room for four entries plus control
+/// bytes). Past [`FEW_FILTERS`] a map keeps subscribing and unsubscribing O(1).
+#[derive(Debug)]
+enum Filters {
+    Few(Vec<(String, Option<Subscription>)>),
+    Many(HashMap<String, Option<Subscription>>),
+}
+
+/// The most filters kept in the vector form.
+const FEW_FILTERS: usize = 8;
+
+impl Default for Filters {
+    fn default() -> Self {
+        Filters::Few(Vec::new())
+    }
 }
 
 impl SubscribedFilters {
     /// Add or update `filter` with its options; returns whether it is new.
     pub(crate) fn insert_with(&mut self, filter: String, subscription: Subscription) -> bool {
-        self.filters.insert(filter, Some(subscription)).is_none()
+        match &mut self.filters {
+            Filters::Few(entries) => {
+                if let Some(entry) = entries.iter_mut().find(|(known, _)| *known == filter) {
+                    entry.1 = Some(subscription);
+                    return false;
+                }
+                if entries.len() < FEW_FILTERS {
+                    entries.reserve_exact(1);
+                    entries.push((filter, Some(subscription)));
+                } else {
+                    let mut map: HashMap<String, Option<Subscription>> =
+                        entries.drain(..).collect();
+                    map.insert(filter, Some(subscription));
+                    self.filters = Filters::Many(map);
+                }
+                true
+            }
+            Filters::Many(map) => map.insert(filter, Some(subscription)).is_none(),
+        }
     }
 
     /// Remove `filter`; returns whether it was there.
     pub(crate) fn remove(&mut self, filter: &str) -> bool {
-        self.filters.remove(filter).is_some()
+        match &mut self.filters {
+            Filters::Few(entries) => match entries.iter().position(|(known, _)| known == filter) {
+                Some(position) => {
+                    entries.swap_remove(position);
+                    true
+                }
+                None => false,
+            },
+            Filters::Many(map) => map.remove(filter).is_some(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.filters.is_empty()
+        match &self.filters {
+            Filters::Few(entries) => entries.is_empty(),
+            Filters::Many(map) => map.is_empty(),
+        }
     }
 
     /// Each filter with its options, if known.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, Option<Subscription>)> {
-        self.filters
-            .iter()
+        let (few, many) = match &self.filters {
+            Filters::Few(entries) => (Some(entries.iter().map(|(f, s)| (f, s))), None),
+            Filters::Many(map) => (None, Some(map.iter())),
+        };
+        few.into_iter()
+            .flatten()
+            .chain(many.into_iter().flatten())
             .map(|(filter, subscription)| (filter.as_str(), *subscription))
     }
 }
 
 impl<'a> IntoIterator for &'a SubscribedFilters {
     type Item = &'a String;
-    type IntoIter = std::collections::hash_map::Keys<'a, String, Option<Subscription>>;
+    type IntoIter = Box<dyn Iterator<Item = &'a String> + 'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.filters.keys()
+        match &self.filters {
+            Filters::Few(entries) => Box::new(entries.iter().map(|(filter, _)| filter)),
+            Filters::Many(map) => Box::new(map.keys()),
+        }
     }
 }
 
@@ -521,5 +577,44 @@ mod tests {
         });
         assert_eq!(state.allocate_packet_id(), u16::MAX);
         assert_eq!(state.allocate_packet_id(), 2);
+    }
+
+    fn subscription(identifier: u32) -> Subscription {
+        Subscription {
+            options: polyhub_mqtt::SubscriptionOptions::default(),
+            identifier: Some(identifier),
+        }
+    }
+
+    #[test]
+    fn subscribed_filters_keep_every_filter_across_the_switch_to_a_map() {
+        let mut filters = SubscribedFilters::default();
+        for n in 0..20u32 {
+            assert!(filters.insert_with(format!("f/{n}"), subscription(n)));
+            // Re-subscribing updates the options and is not new.
+            assert!(!filters.insert_with(format!("f/{n}"), subscription(n + 100)));
+            let mut seen: Vec<(String, Option<u32>)> = filters
+                .iter()
+                .map(|(filter, known)| (filter.to_owned(), known.and_then(|s| s.identifier)))
+                .collect();
+            seen.sort();
+            let mut expected: Vec<(String, Option<u32>)> =
+                (0..=n).map(|k| (format!("f/{k}"), Some(k + 100))).collect();
+            expected.sort();
+            assert_eq!(seen, expected);
+            assert_eq!((&filters).into_iter().count(), n as usize + 1);
+        }
+        for n in 0..20u32 {
+            assert!(filters.remove(&format!("f/{n}")));
+            assert!(!filters.remove(&format!("f/{n}")));
+        }
+        assert!(filters.is_empty());
+
+        let mut few = SubscribedFilters::default();
+        few.insert_with("a".into(), subscription(1));
+        few.insert_with("b".into(), subscription(2));
+        assert!(few.remove("a"));
+        assert!(!few.remove("a"));
+        assert_eq!((&few).into_iter().collect::<Vec<_>>(), vec!["b"]);
     }
 }

@@ -66,7 +66,16 @@ pub(crate) fn run(config: Config, source: Option<PathBuf>) -> Result<(), Failure
     info!("data directory {}", config.data_dir.display());
     let saved = load_saved_state(&config)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // With one CPU (a container limit or a CPU mask), a multi-threaded runtime's single
+    // worker only adds a hand-off between threads and work-stealing bookkeeping; the
+    // current-thread scheduler runs the same tasks on the one thread we have.
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|cpus| cpus.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
