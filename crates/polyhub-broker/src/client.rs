@@ -1270,7 +1270,12 @@ where
 
 /// Publish `session`'s pending will after `delay`, unless a connection resumed the session or
 /// it ended (and published it) first.
-fn spawn_will_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, delay: Duration) {
+pub(crate) fn spawn_will_timer(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    epoch: u64,
+    delay: Duration,
+) {
     tokio::spawn(async move {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -1292,7 +1297,12 @@ fn spawn_will_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, dela
 }
 
 /// End `session` after `expiry` unless a connection resumed it first.
-fn spawn_expiry_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, expiry: Duration) {
+pub(crate) fn spawn_expiry_timer(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    epoch: u64,
+    expiry: Duration,
+) {
     tokio::spawn(async move {
         tokio::select! {
             () = tokio::time::sleep(expiry) => {}

@@ -18,6 +18,7 @@ use polyhub_mqtt::{QoS, topic};
 use tokio::time::Instant;
 
 use crate::broker::Shared;
+use crate::client::{spawn_expiry_timer, spawn_will_timer};
 use crate::error::BrokerError;
 use crate::message::{BROKER_PUBLISHER, Delivery, Message};
 use crate::persist::format::{
@@ -418,56 +419,6 @@ fn delivery(stored: &StoredDelivery, messages: &[Arc<Message>]) -> Delivery {
         retain: stored.retain,
         subscription_ids: stored.subscription_ids.clone(),
     }
-}
-
-/// Publish `session`'s pending will after `delay`, unless a connection resumed the session or
-/// it ended (and published it) first. Same rules as the timer armed when a connection closes.
-fn spawn_will_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, delay: Duration) {
-    tokio::spawn(async move {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shared.shutdown.cancelled() => return,
-        }
-        let will = {
-            let mut state = session.state.lock();
-            if !state.attached && state.detach_epoch == epoch {
-                state.pending_will.take()
-            } else {
-                None
-            }
-        };
-        if let Some(will) = will {
-            tracing::debug!(client_id = %session.client_id, "Will delay over: publishing will.");
-            shared.publish(*will);
-        }
-    });
-}
-
-/// End `session` after `expiry` unless a connection resumed it first.
-fn spawn_expiry_timer(shared: Arc<Shared>, session: Arc<Session>, epoch: u64, expiry: Duration) {
-    tokio::spawn(async move {
-        tokio::select! {
-            () = tokio::time::sleep(expiry) => {}
-            () = shared.shutdown.cancelled() => return,
-        }
-        {
-            let mut sessions = shared.sessions.lock();
-            if !sessions
-                .get(&session.client_id)
-                .is_some_and(|current| Arc::ptr_eq(current, &session))
-            {
-                return;
-            }
-            let state = session.state.lock();
-            if state.attached || state.detach_epoch != epoch {
-                return;
-            }
-            drop(state);
-            sessions.remove(&session.client_id);
-        }
-        tracing::debug!(client_id = %session.client_id, "Restored session expired.");
-        shared.end_session(&session);
-    });
 }
 
 #[cfg(test)]
