@@ -896,23 +896,16 @@ impl MqttState {
     }
 
     fn suback(&mut self, suback: SubAck) {
-        let is_subscribe = matches!(
-            self.outgoing.get(&suback.packet_id),
-            Some(Outgoing::Control(control)) if matches!(*control.packet, Packet::Subscribe(_))
-        );
-        if !is_subscribe {
+        let Some((packet, waiter)) = self.take_control(suback.packet_id, |packet| {
+            matches!(packet, Packet::Subscribe(_))
+        }) else {
             debug!(
                 packet_id = suback.packet_id,
                 "SUBACK for no SUBSCRIBE: ignored."
             );
             return;
-        }
-        let Some(Outgoing::Control(OutgoingControl { packet, waiter, .. })) =
-            self.outgoing.remove(&suback.packet_id)
-        else {
-            return;
         };
-        let Packet::Subscribe(subscribe) = *packet else {
+        let Packet::Subscribe(subscribe) = packet else {
             return;
         };
         let mut codes = suback.reason_codes;
@@ -951,23 +944,16 @@ impl MqttState {
     }
 
     fn unsuback(&mut self, unsuback: UnsubAck) {
-        let is_unsubscribe = matches!(
-            self.outgoing.get(&unsuback.packet_id),
-            Some(Outgoing::Control(control)) if matches!(*control.packet, Packet::Unsubscribe(_))
-        );
-        if !is_unsubscribe {
+        let Some((packet, waiter)) = self.take_control(unsuback.packet_id, |packet| {
+            matches!(packet, Packet::Unsubscribe(_))
+        }) else {
             debug!(
                 packet_id = unsuback.packet_id,
                 "UNSUBACK for no UNSUBSCRIBE: ignored."
             );
             return;
-        }
-        let Some(Outgoing::Control(OutgoingControl { packet, waiter, .. })) =
-            self.outgoing.remove(&unsuback.packet_id)
-        else {
-            return;
         };
-        let Packet::Unsubscribe(unsubscribe) = *packet else {
+        let Packet::Unsubscribe(unsubscribe) = packet else {
             return;
         };
         let mut codes = unsuback.reason_codes;
@@ -982,6 +968,28 @@ impl MqttState {
     }
 
     // --- helpers ------------------------------------------------------------------------
+
+    /// Remove and return the SUBSCRIBE/UNSUBSCRIBE awaiting an acknowledgement under
+    /// `packet_id`, if `is_kind` accepts it; anything else under that id stays in flight.
+    fn take_control(
+        &mut self,
+        packet_id: u16,
+        is_kind: impl Fn(&Packet) -> bool,
+    ) -> Option<(Packet, Option<Waiter<Vec<ReasonCode>>>)> {
+        let expected = matches!(
+            self.outgoing.get(&packet_id),
+            Some(Outgoing::Control(control)) if is_kind(&control.packet)
+        );
+        if !expected {
+            return None;
+        }
+        match self.outgoing.remove(&packet_id) {
+            Some(Outgoing::Control(OutgoingControl { packet, waiter, .. })) => {
+                Some((*packet, waiter))
+            }
+            _ => None,
+        }
+    }
 
     /// A free packet identifier: the next one after the last handed out, skipping those still
     /// in use and 0, wrapping at 65535.
