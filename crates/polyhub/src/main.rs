@@ -14,8 +14,10 @@
 //! ends the process with 2 for a usage or configuration error (clap uses 2 as well) or 1 for a
 //! failure while running (a port already in use, an unwritable data directory).
 
+mod bus;
 mod cli;
 mod config;
+mod ctl;
 mod run;
 
 use std::io::Write;

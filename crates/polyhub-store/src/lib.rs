@@ -1,0 +1,103 @@
+//! polyhub's registry and telemetry storage.
+//!
+//! - [`model`]: the domain types (groups own hubs, hubs own devices; telemetry rows, dead
+//!   letters, presence, parser events). They are what the REST API serialises.
+//! - [`Store`]: the one trait every backend implements. Callers hold an `Arc<dyn Store>` and
+//!   never name a backend; only the binary picks one.
+//! - [`sqlite`]: the embedded backend (SQLite in the data folder, WAL mode), with its schema
+//!   migrations applied on open. PostgreSQL follows behind the same trait.
+
+pub mod error;
+pub mod model;
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+pub use error::StoreError;
+pub use model::*;
+pub use sqlite::{SqliteConfig, SqliteStore};
+
+/// Everything polyhub persists about the registry and telemetry.
+///
+/// Every method is one transaction. Implementations are cheap to share (`Arc<dyn Store>`) and
+/// safe to call from many tasks, and from several processes on the same database (hub parsers
+/// in process isolation open the same store).
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    // --- groups -----------------------------------------------------------------------
+    /// Errors: `Invalid` (bad id/metadata), `Conflict` (id taken).
+    async fn create_group(&self, group: NewGroup) -> Result<Group, StoreError>;
+    async fn get_group(&self, id: &str) -> Result<Group, StoreError>;
+    async fn list_groups(&self, query: ListQuery) -> Result<Vec<Group>, StoreError>;
+    async fn update_group(&self, id: &str, patch: GroupPatch) -> Result<Group, StoreError>;
+    /// Errors: `Conflict` while the group still owns hubs.
+    async fn delete_group(&self, id: &str) -> Result<(), StoreError>;
+
+    // --- hubs -------------------------------------------------------------------------
+    /// Errors: `Invalid`, `Conflict` (id taken or group missing).
+    async fn create_hub(&self, hub: NewHub) -> Result<Hub, StoreError>;
+    async fn get_hub(&self, id: &str) -> Result<Hub, StoreError>;
+    /// `query.parent` filters by group.
+    async fn list_hubs(&self, query: ListQuery) -> Result<Vec<Hub>, StoreError>;
+    async fn update_hub(&self, id: &str, patch: HubPatch) -> Result<Hub, StoreError>;
+    async fn set_hub_desired_state(&self, id: &str, state: DesiredState)
+    -> Result<Hub, StoreError>;
+    /// Errors: `Conflict` while the hub still owns devices.
+    async fn delete_hub(&self, id: &str) -> Result<(), StoreError>;
+
+    // --- devices ----------------------------------------------------------------------
+    /// Errors: `Invalid`, `Conflict` (id taken anywhere, or hub missing).
+    async fn create_device(&self, device: NewDevice) -> Result<Device, StoreError>;
+    async fn get_device(&self, id: &str) -> Result<Device, StoreError>;
+    /// `query.parent` filters by hub.
+    async fn list_devices(&self, query: ListQuery) -> Result<Vec<Device>, StoreError>;
+    async fn update_device(&self, id: &str, patch: DevicePatch) -> Result<Device, StoreError>;
+    /// Removes the device and its presence; its telemetry stays queryable.
+    async fn delete_device(&self, id: &str) -> Result<(), StoreError>;
+
+    // --- ingest -----------------------------------------------------------------------
+    /// Commits a batch atomically: rows, dead letters, the seqs seen (for redelivery
+    /// detection) and each device's last-seen time. Messages whose `(hub, seq)` is already
+    /// recorded are skipped whole.
+    async fn write_batch(&self, batch: IngestBatch) -> Result<BatchOutcome, StoreError>;
+    /// Forgets recorded seqs of `hub_id` whose message was received before `received_before`
+    /// (old enough that the broker can no longer redeliver it). Returns how many were removed.
+    async fn prune_seqs(&self, hub_id: &str, received_before: Millis) -> Result<u64, StoreError>;
+
+    // --- telemetry queries ------------------------------------------------------------
+    /// The most recent row of every signal of a device, ordered by signal.
+    async fn latest(&self, device_id: &str) -> Result<Vec<TelemetryRow>, StoreError>;
+    /// Rows oldest first, paged by an opaque cursor. Errors: `Invalid` (bad cursor).
+    async fn range(&self, query: RangeQuery) -> Result<RangePage, StoreError>;
+    /// Numeric rows bucketed by time, oldest bucket first; empty buckets are omitted.
+    async fn downsample(&self, query: DownsampleQuery) -> Result<Vec<Bucket>, StoreError>;
+    /// Number of telemetry rows of a hub's devices (all hubs when `None`).
+    async fn count_rows(&self, hub_id: Option<&str>) -> Result<u64, StoreError>;
+
+    // --- dead letters -----------------------------------------------------------------
+    /// Newest first; `before_id` pages backwards; `limit` capped at [`MAX_PAGE`].
+    async fn list_dead_letters(
+        &self,
+        hub_id: Option<&str>,
+        before_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    // --- parser events ----------------------------------------------------------------
+    async fn record_parser_event(&self, event: NewParserEvent) -> Result<(), StoreError>;
+    /// Newest first.
+    async fn list_parser_events(
+        &self,
+        hub_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ParserEvent>, StoreError>;
+
+    // --- presence ---------------------------------------------------------------------
+    /// Records a connection change of a registered device (unknown devices: `NotFound`).
+    async fn set_presence(&self, device_id: &str, online: bool, at: Millis)
+    -> Result<(), StoreError>;
+    /// A registered device's presence (offline with no times if never seen).
+    async fn get_presence(&self, device_id: &str) -> Result<Presence, StoreError>;
+    /// Presence of every device of a hub, ordered by device id.
+    async fn list_presence(&self, hub_id: &str) -> Result<Vec<Presence>, StoreError>;
+}

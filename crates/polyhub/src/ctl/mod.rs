@@ -1,0 +1,2 @@
+//! `polyhub hub|device|group|telemetry|...`: the command line as a client of the REST API.
+//! (Being written.)
