@@ -17,6 +17,7 @@
 //            {"event":"result"} and exits.
 //   "idle" - connect config.clients clients (keepalive config.keepalive, one subscription each) in
 //            batches, print ready with connect timings, then sit idle until "stop".
+//   "ingest" - 1,000-device JSON telemetry for bench/ingest.py (see runIngest below).
 //
 // Payload layout (little endian), padded with zeros to config.payload bytes:
 //   [0, 8)   process.hrtime.bigint() at send time (CLOCK_MONOTONIC, same clock in every process)
@@ -414,7 +415,124 @@ async function runIdle() {
   shutdown(clients);
 }
 
-const roles = { load: runLoad, idle: runIdle };
+// ------------------------------------------------------------------------------------------
+// Role "ingest" (bench/ingest.py): device-style telemetry, as fast as the system sustains.
+//
+// config.devices: [{client_id, topic}], one MQTT client each (client id = device id, so the
+// hub sees the device's presence). On "go" every device publishes JSON {"temp": n, "seq": k}
+// at QoS 1, closed loop: at most config.window messages unacknowledged per device, so the
+// offered rate is whatever the broker acknowledges. Devices listed in config.probes add
+// "t" (CLOCK_MONOTONIC microseconds at send time) and the process records the send time of
+// each of their messages, so the driver can time when each became queryable. After
+// config.warmup_s the process prints {"event":"measuring"}; after config.duration_s more it
+// stops publishing, waits for the outstanding acknowledgements and prints
+// {"event":"published"}. config.subscriber (optional: {client_id, filter}) counts every
+// delivery of the run at QoS 1 (the raw broker ceiling). After "drain" the subscriber waits
+// until it has every acknowledged message or config.drain_ms passed, then {"event":"result"}.
+async function runIngest() {
+  const monotonicUs = () => Number(process.hrtime.bigint() / 1000n);
+  let subscriber = null;
+  const delivered = { total: 0, atMeasure: 0, atStop: 0, lastNs: 0n };
+  let onAllDelivered = null;
+  let expectedTotal = Infinity;
+  if (config.subscriber) {
+    subscriber = await connectClient(config.subscriber.client_id);
+    subscriber.on('message', () => {
+      delivered.total++;
+      delivered.lastNs = process.hrtime.bigint();
+      if (onAllDelivered && delivered.total >= expectedTotal) onAllDelivered();
+    });
+    await subscribe(subscriber, config.subscriber.filter, 1);
+  }
+  const specs = config.devices.map((device) => ({ clientId: device.client_id }));
+  const { clients } = await connectAll(specs, 50);
+  emit({ event: 'ready' });
+  await command('go');
+
+  const probeOf = new Map(config.probes.map((index) => [index, []]));
+  const seqs = new Uint32Array(clients.length);
+  let acked = 0;
+  let inFlight = 0;
+  let running = true;
+  let ackedAtMeasure = 0;
+  let measureNs = 0n;
+  let stopNs = 0n;
+  let cpuStart = process.cpuUsage();
+  let idle = null;
+
+  const publishNext = (index) => {
+    const seq = seqs[index]++;
+    const probe = probeOf.get(index);
+    let payload = `{"temp":${20 + (seq % 100) / 10},"seq":${seq}`;
+    if (probe) {
+      const sentUs = monotonicUs();
+      probe.push([seq, sentUs]);
+      payload += `,"t":${sentUs}`;
+    }
+    payload += '}';
+    inFlight++;
+    clients[index].publish(config.devices[index].topic, payload, { qos: 1 }, (err) => {
+      if (err) fail(`publish failed: ${err.message}`);
+      acked++;
+      inFlight--;
+      if (running) publishNext(index);
+      else if (inFlight === 0 && idle) idle();
+    });
+  };
+
+  const startNs = process.hrtime.bigint();
+  for (let index = 0; index < clients.length; index++) {
+    for (let w = 0; w < config.window; w++) publishNext(index);
+  }
+  await new Promise((resolve) => setTimeout(resolve, config.warmup_s * 1000));
+  measureNs = process.hrtime.bigint();
+  ackedAtMeasure = acked;
+  delivered.atMeasure = delivered.total;
+  cpuStart = process.cpuUsage();
+  emit({ event: 'measuring', t_us: Number(measureNs / 1000n) });
+  await new Promise((resolve) => setTimeout(resolve, config.duration_s * 1000));
+  stopNs = process.hrtime.bigint();
+  const ackedAtStop = acked;
+  delivered.atStop = delivered.total;
+  running = false;
+  const cpuS = cpuSeconds(cpuStart);
+  await new Promise((resolve) => {
+    idle = resolve;
+    if (inFlight === 0) resolve();
+    setTimeout(resolve, config.drain_ms);
+  });
+  emit({ event: 'published', t_us: Number(stopNs / 1000n) });
+  await command('drain');
+  if (subscriber) {
+    expectedTotal = acked;
+    await new Promise((resolve) => {
+      onAllDelivered = resolve;
+      if (delivered.total >= expectedTotal) resolve();
+      setTimeout(resolve, config.drain_ms);
+    });
+  }
+  const windowS = Number(stopNs - measureNs) / 1e9;
+  emit({
+    event: 'result',
+    cpu_s: cpuS,
+    devices: clients.length,
+    start_us: Number(startNs / 1000n),
+    measure_us: Number(measureNs / 1000n),
+    stop_us: Number(stopNs / 1000n),
+    window_s: windowS,
+    sent_total: seqs.reduce((a, b) => a + b, 0),
+    acked_total: acked,
+    acked_in_window: ackedAtStop - ackedAtMeasure,
+    unacked: inFlight,
+    delivered_total: subscriber ? delivered.total : null,
+    delivered_in_window: subscriber ? delivered.atStop - delivered.atMeasure : null,
+    last_delivery_us: subscriber ? Number(delivered.lastNs / 1000n) : null,
+    probes: Object.fromEntries([...probeOf].map(([index, sends]) => [config.devices[index].client_id, sends])),
+  });
+  shutdown([...clients, ...(subscriber ? [subscriber] : [])]);
+}
+
+const roles = { load: runLoad, idle: runIdle, ingest: runIngest };
 const run = roles[config.role];
 if (!run) fail(`unknown role ${config.role}`);
 run().catch((err) => fail(err && err.stack ? err.stack : err));

@@ -346,6 +346,8 @@ class Polyhub(Broker):
             str(conf),
             "--mqtt-listen",
             f"127.0.0.1:{self.port}",
+            "--http-listen",
+            "127.0.0.1:0",
             "--data-dir",
             str(data_dir),
         ]

@@ -133,8 +133,8 @@ sdk_peer="$target_dir/debug/examples/sgframework_peer"
 step_done
 
 # ---------------------------------------------------------------------------------------------
-step "interop tests (pytest tests/interop tests/sgframework)"
+step "interop and end-to-end tests (pytest tests/interop tests/sgframework tests/hub)"
 # One pytest run, so its closing line counts every interop test.
 POLYHUB_BIN="$polyhub_bin" POLYHUB_SDK_PEER="$sdk_peer" \
-    timeout 30m python3 -m pytest -q tests/interop tests/sgframework
+    timeout 30m python3 -m pytest -q tests/interop tests/sgframework tests/hub
 step_done

@@ -200,6 +200,8 @@ class Broker:
             "run",
             "--mqtt-listen",
             f"{HOST}:0",
+            "--http-listen",
+            f"{HOST}:0",
             "--data-dir",
             str(data_dir),
         ]

@@ -1,39 +1,34 @@
-//! polyhub's REST API. (Being written.)
+//! polyhub's REST API: an axum [`Router`](axum::Router) over a [`Store`](polyhub_store::Store)
+//! and the hub manager (seen through [`HubRuntime`]).
+//!
+//! - Routes, JSON shapes and error codes follow the issue 4 contract; the OpenAPI 3.1 document
+//!   generated from the handlers is served at `/openapi.json` (and [`openapi()`]).
+//! - Every failure is an [`ApiError`]: one place maps storage and runtime errors to a status and
+//!   a stable code. Malformed bodies, paths and query strings are JSON 400s too.
+//! - `polyhub_http_requests_total{method,status}` counts every answered request through the
+//!   `metrics` facade; `/metrics` renders the Prometheus handle given in [`ApiState`].
+//!
+//! Lifecycle rules the handlers apply: creating a hub whose desired state is `running` starts
+//! its parser; deleting a hub stops its parser first; changing a running hub's settings restarts
+//! its parser; a created device is announced to its hub's parser (if that fails the device stays
+//! created and the answer is an error explaining so); a deleted device is unsubscribed first.
 
-use async_trait::async_trait;
-use polyhub_store::{Device, ParserStatus};
+pub mod config;
+pub mod error;
+pub mod extract;
+mod handlers;
+mod router;
+pub mod runtime;
+pub mod state;
+pub mod time;
 
-/// Why the hub runtime refused or failed an operation.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    /// No such hub (or device).
-    #[error("{0}")]
-    NotFound(String),
-    /// The operation does not fit the current state (e.g. a parser that is shutting down).
-    #[error("{0}")]
-    Conflict(String),
-    /// The parser or its storage failed.
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// What the API needs from the hub manager. The binary implements it over the manager, so this
-/// crate never names the hub runtime.
-#[async_trait]
-pub trait HubRuntime: Send + Sync + std::fmt::Debug + 'static {
-    /// Starts the hub's parser (and records the desired state `running`).
-    async fn start_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError>;
-    /// Stops it after committing what it has received (desired state `stopped`).
-    async fn stop_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError>;
-    async fn restart_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError>;
-    /// A device was created: its hub's running parser subscribes to its channel before this
-    /// returns.
-    async fn device_added(&self, device: &Device) -> Result<(), RuntimeError>;
-    /// A device was deleted: the parser unsubscribes before this returns.
-    async fn device_removed(&self, hub_id: &str, device_id: &str) -> Result<(), RuntimeError>;
-    /// Current status of a hub's parser (`None` if the manager has never seen that hub).
-    fn parser_status(&self, hub_id: &str) -> Option<ParserStatus>;
-    fn parsers(&self) -> Vec<ParserStatus>;
-    /// Whether the manager finished starting (for `/ready`).
-    fn is_ready(&self) -> bool;
-}
+pub use config::ApiConfig;
+pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+pub use handlers::system::StatusBody;
+pub use handlers::telemetry::{
+    DEFAULT_DOWNSAMPLE_INTERVAL_MS, DEFAULT_DOWNSAMPLE_WINDOW_MS, DEFAULT_RANGE_LIMIT, MAX_BUCKETS,
+};
+pub use handlers::{DEFAULT_LIST_LIMIT, Items, Page};
+pub use router::{HTTP_REQUESTS_METRIC, openapi, router, router_with_config, serve};
+pub use runtime::{HubRuntime, RuntimeError};
+pub use state::ApiState;

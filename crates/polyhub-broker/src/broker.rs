@@ -9,11 +9,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,23 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// out of descriptors.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Presence events a slow [`Broker::presence_events`] receiver may fall behind by before it
+/// misses some (it then gets `RecvError::Lagged` and can resynchronise with
+/// [`Broker::connected_clients`]).
+const PRESENCE_CAPACITY: usize = 4096;
+
+/// A network client connected to or disconnected from the broker; see
+/// [`Broker::presence_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientPresence {
+    /// The client id of the connection.
+    pub client_id: String,
+    /// `true` when the connection was accepted (CONNACK success), `false` when it ended.
+    pub online: bool,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
 /// Handle on a running broker; clones share the same state.
 #[derive(Debug, Clone)]
 pub struct Broker {
@@ -57,6 +74,10 @@ pub(crate) struct Shared {
     /// Cancelled by [`Broker::shutdown`]; every connection's token is a child of it.
     pub(crate) shutdown: CancellationToken,
     tasks: TaskCount,
+    /// The next message sequence number (see [`Shared::next_seq`]).
+    next_seq: AtomicU64,
+    /// Connect and disconnect events of network clients.
+    presence: broadcast::Sender<ClientPresence>,
     next_session_id: AtomicU64,
     next_assigned_id: AtomicU64,
     sys_started: AtomicBool,
@@ -87,6 +108,40 @@ impl Drop for ConnectionSlot {
 }
 
 impl Shared {
+    /// A new message sequence number: unique for this broker and, as the counter starts above
+    /// both the wall clock in microseconds and the last number persisted, across restarts too.
+    /// Relaxed: only uniqueness matters, and a publisher routes its messages in order, so its
+    /// numbers increase.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The highest sequence number handed out so far (or the counter's start, less one).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    /// Make sure every number handed out from now on is above `seq` (restoring a snapshot).
+    pub(crate) fn seq_above(&self, seq: u64) {
+        self.next_seq
+            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Tell the presence receivers that `client_id` went online or offline. Callers order
+    /// these per client id: an offline is announced before the session is released to the
+    /// next connection, whose online comes after it has the session.
+    pub(crate) fn announce_presence(&self, client_id: &str, online: bool) {
+        if self.presence.receiver_count() == 0 {
+            return;
+        }
+        // An error only means that every receiver went away in between.
+        let _ = self.presence.send(ClientPresence {
+            client_id: client_id.to_owned(),
+            online,
+            at: SystemTime::now(),
+        });
+    }
+
     /// A new session id (0 is reserved for the broker itself).
     pub(crate) fn next_session_id(&self) -> u64 {
         self.next_session_id.fetch_add(1, Ordering::Relaxed)
@@ -167,6 +222,8 @@ impl Broker {
                 connections: AtomicUsize::new(0),
                 shutdown: CancellationToken::new(),
                 tasks: TaskCount::default(),
+                next_seq: AtomicU64::new(initial_seq()),
+                presence: broadcast::channel(PRESENCE_CAPACITY).0,
                 next_session_id: AtomicU64::new(1),
                 next_assigned_id: AtomicU64::new(1),
                 sys_started: AtomicBool::new(false),
@@ -280,6 +337,36 @@ impl Broker {
         persist::restore(&self.shared, snapshot)
     }
 
+    /// Connect and disconnect events of network clients, from now on: `online` when a
+    /// connection is accepted (CONNACK success), `offline` when it ends for whatever reason
+    /// (DISCONNECT, socket closed, keep-alive timeout, protocol violation, takeover,
+    /// shutdown). For one client id an offline always comes before the online of the
+    /// connection that took over. In-process clients are not reported.
+    ///
+    /// To know who is online, subscribe first, then read [`Broker::connected_clients`]; a
+    /// receiver that falls more than a few thousand events behind gets
+    /// `RecvError::Lagged` and should read [`Broker::connected_clients`] again.
+    pub fn presence_events(&self) -> broadcast::Receiver<ClientPresence> {
+        self.shared.presence.subscribe()
+    }
+
+    /// Client ids of the network clients connected now.
+    pub fn connected_clients(&self) -> Vec<String> {
+        let sessions = self.shared.sessions.lock();
+        sessions
+            .values()
+            .filter(|session| session.kind == SessionKind::Network && session.is_online())
+            .map(|session| session.client_id.clone())
+            .collect()
+    }
+
+    /// The sequence number of the most recently routed message (see [`LocalMessage::seq`]).
+    ///
+    /// [`LocalMessage::seq`]: crate::LocalMessage::seq
+    pub fn last_seq(&self) -> u64 {
+        self.shared.last_seq()
+    }
+
     /// An in-process client with the given client id. Fails if a session with that id exists
     /// (a network client's, even disconnected, or another local client's) or after shutdown.
     pub fn local_client(&self, client_id: &str) -> Result<LocalClient, BrokerError> {
@@ -321,6 +408,18 @@ impl Broker {
         };
         Ok(LocalClient::new(Arc::clone(&self.shared), session))
     }
+}
+
+/// Where a new broker's sequence numbers start: the wall clock in microseconds since the Unix
+/// epoch, so that a broker restarted without its snapshot (or after numbers handed out since
+/// the last save) still starts above every number of its previous run, unless that run
+/// averaged more than a million messages a second. [`Broker::restore`] raises it above the
+/// snapshot's numbers.
+fn initial_seq() -> u64 {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros());
+    u64::try_from(micros).unwrap_or(u64::MAX / 2).max(1)
 }
 
 /// Accept connections until `shutdown` completes or the broker shuts down, handing each to

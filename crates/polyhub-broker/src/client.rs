@@ -50,6 +50,14 @@ const FILL_BATCH: usize = 64;
 /// Hard cap on outbound messages in flight, below the 65,535 packet ids.
 const MAX_INFLIGHT_CAP: usize = 65_000;
 
+/// CONNECT user property (MQTT 5) by which a client asks for [`SEQ_PROPERTY`] on every
+/// PUBLISH it receives; its value must be `1`.
+pub(crate) const STAMP_SEQ_PROPERTY: &str = "polyhub-stamp-seq";
+
+/// PUBLISH user property carrying the message's sequence number (decimal), for clients that
+/// asked for it with [`STAMP_SEQ_PROPERTY`].
+pub(crate) const SEQ_PROPERTY: &str = "polyhub-seq";
+
 /// Timers for intervals this long or longer are not armed: the session (or delayed will) is
 /// kept until the broker stops.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -249,6 +257,10 @@ struct Client<S> {
     aliases: Option<Box<(InboundAliases, OutboundAliases)>>,
     /// The last fill stopped at the write high-water mark with deliveries still queued.
     more_queued: bool,
+    /// MQTT 5 client that asked for each PUBLISH to carry the message's sequence number.
+    stamp_seq: bool,
+    /// Whether this connection was announced online (so its end is announced offline).
+    announced_online: bool,
     counters: Counters,
 }
 
@@ -446,6 +458,13 @@ where
                 ))
             }),
             more_queued: false,
+            stamp_seq: v5
+                && connect
+                    .properties
+                    .user_properties
+                    .iter()
+                    .any(|(name, value)| name == STAMP_SEQ_PROPERTY && value == "1"),
+            announced_online: false,
             counters: Counters::default(),
             shared,
         };
@@ -470,6 +489,12 @@ where
                 .await;
             return None;
         }
+        // While this connection owns the session: the offline of the connection it took over
+        // from was announced before that one let go of it.
+        client
+            .shared
+            .announce_presence(&client.session.client_id, true);
+        client.announced_online = true;
         let now = Instant::now();
         for (packet_id, stage, delivery) in acquired.resend {
             if stage == Awaiting::Comp {
@@ -937,7 +962,7 @@ where
     ) -> bool {
         let message = &delivery.message;
         let mut alias = OutboundAlias::None;
-        let (topic, properties) = if let Some(aliases) = self.aliases.as_deref_mut() {
+        let (topic, mut properties) = if let Some(aliases) = self.aliases.as_deref_mut() {
             alias = aliases.1.for_topic(&message.topic);
             let (topic, topic_alias) = match alias {
                 OutboundAlias::None => (message.topic.clone(), None),
@@ -951,6 +976,11 @@ where
         } else {
             (message.topic.clone(), Properties::default())
         };
+        if self.stamp_seq {
+            properties
+                .user_properties
+                .push((SEQ_PROPERTY.to_owned(), message.seq.to_string()));
+        }
         let packet = Packet::Publish(Publish {
             dup,
             qos: delivery.qos,
@@ -1071,6 +1101,11 @@ where
         let session = Arc::clone(&self.session);
         let queue_qos0 = shared.config.queue_qos0_messages;
 
+        // First of all: before the session is removed from the map or its permit released,
+        // so a connection taking over announces its online after this.
+        if self.announced_online {
+            shared.announce_presence(&session.client_id, false);
+        }
         session.set_online(false);
         let mut publish_now = None;
         let mut delayed_will = None;

@@ -36,9 +36,11 @@ mod subscriptions;
 mod sys;
 pub mod tls;
 
-pub use broker::Broker;
+pub use broker::{Broker, ClientPresence};
 pub use config::{BrokerConfig, MqttConfig, OnCorrupt, PersistenceConfig, TlsConfig};
 pub use error::BrokerError;
 pub use local::{LocalClient, LocalMessage};
 pub use message::MessageProperties;
 pub use persist::{RestoreSummary, Snapshot};
+/// MQTT QoS levels, as [`LocalClient`] takes and reports them.
+pub use polyhub_mqtt::QoS;

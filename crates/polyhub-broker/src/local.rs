@@ -2,9 +2,15 @@
 //!
 //! A [`LocalClient`] publishes straight into routing (no encoding, no copy of the payload) and
 //! receives from its session's queue, which is bounded like any other
-//! (`max_queued_messages`, with the same queue-full policy). It acknowledges implicitly, so
-//! QoS only matters to the other sessions it publishes to (an offline persistent session keeps
-//! QoS 1/2 messages, not QoS 0 ones).
+//! (`max_queued_messages`, with the same queue-full policy), or unbounded
+//! ([`Broker::local_client_with_queue`](crate::Broker::local_client_with_queue) with 0).
+//!
+//! Acknowledgement is implicit: a message counts as delivered (and, for QoS 1/2, as
+//! acknowledged) the moment [`LocalClient::recv`] or [`LocalClient::try_recv`] takes it from
+//! the queue; nothing is in flight and nothing is redelivered. A consumer that must only
+//! acknowledge what it has processed keeps the taken messages itself until then (the hub's
+//! bus adapter does). QoS therefore only matters to the other sessions a local client
+//! publishes to (an offline persistent session keeps QoS 1/2 messages, not QoS 0 ones).
 
 use std::sync::Arc;
 
@@ -40,6 +46,10 @@ pub struct LocalMessage {
     pub retain: bool,
     /// MQTT 5 properties from the publisher (empty for 3.x publishers).
     pub properties: MessageProperties,
+    /// The broker's unique number for the message: assigned once when it was routed, the same
+    /// for every subscriber and for retained replays, increasing per publisher, and unique
+    /// across restarts of a broker that persists its state.
+    pub seq: u64,
 }
 
 impl LocalClient {
@@ -162,7 +172,7 @@ impl LocalClient {
     }
 
     /// The next delivered message; `None` once the broker has shut down and the queue is
-    /// empty.
+    /// empty. Taking it acknowledges it (see the module documentation).
     pub async fn recv(&mut self) -> Option<LocalMessage> {
         loop {
             if let Some(message) = self.try_recv() {
@@ -193,6 +203,7 @@ impl LocalClient {
                 qos: delivery.qos,
                 retain: delivery.retain,
                 properties: message.properties_at(now),
+                seq: message.seq,
             });
         }
     }

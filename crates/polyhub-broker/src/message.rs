@@ -79,6 +79,10 @@ pub(crate) struct Message {
     pub(crate) properties: Option<Box<MessageProperties>>,
     /// When the message expires (MQTT 5 message expiry interval).
     pub(crate) expires_at: Option<Instant>,
+    /// The broker's unique number for this message, set by routing when the message enters
+    /// it (0 until then); every delivery of it, retained replays and redeliveries included,
+    /// carries the same number.
+    pub(crate) seq: u64,
 }
 
 impl Message {
@@ -109,6 +113,7 @@ impl Message {
             publisher,
             properties: (!properties.is_empty()).then(|| Box::new(properties)),
             expires_at,
+            seq: 0,
         }
     }
 

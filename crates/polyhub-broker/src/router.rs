@@ -26,9 +26,10 @@ struct Target {
 }
 
 impl Shared {
-    /// Route `message`: store or clear it as retained, then queue it for every matching
-    /// session. Returns how many sessions it matched.
-    pub(crate) fn publish(&self, message: Message) -> usize {
+    /// Route `message`: give it its sequence number, store or clear it as retained, then queue
+    /// it for every matching session. Returns how many sessions it matched.
+    pub(crate) fn publish(&self, mut message: Message) -> usize {
+        message.seq = self.next_seq();
         let message = Arc::new(message);
         if message.retain {
             let mut retained = self.retained.lock();

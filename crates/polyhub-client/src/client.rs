@@ -1,5 +1,6 @@
 //! [`Client`], the cheap cloneable handle; [`Message`], an outgoing publish; [`Events`], the
-//! event stream of a spawned client.
+//! event stream of a spawned client; [`AckToken`], what acknowledges a received message when
+//! acknowledgements are manual.
 //!
 //! A handle validates what it can on its own (topic names, filters), then sends a request over
 //! the bounded channel to the event loop and, for anything the broker acknowledges, waits on a
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{ClientError, ConnectionError};
 use crate::eventloop::{Event, EventLoop};
 use crate::options::ClientOptions;
+
 use crate::state::Request;
 
 /// A handle on an MQTT client. Clones are cheap and share one connection.
@@ -225,6 +227,30 @@ impl Client {
         outcome.await.unwrap_or(Ok(()))
     }
 
+    /// Acknowledge a message received with [`ClientOptions::manual_acks`]: sends its PUBACK
+    /// (QoS 1) or PUBREC (QoS 2; the PUBREL → PUBCOMP that follows is handled by the client).
+    /// Returns once the request is queued for the connection.
+    ///
+    /// A token from an earlier connection is stale and acknowledging it does nothing (the
+    /// broker delivers an unacknowledged message again after a reconnect, with a new token);
+    /// so does a second acknowledgement with the same token. Fails only with
+    /// [`ClientError::Closed`] when the client has stopped.
+    pub async fn ack(&self, token: AckToken) -> Result<(), ClientError> {
+        self.ack_all([token]).await
+    }
+
+    /// [`ack`](Client::ack) for several messages in one request (one write on the socket).
+    pub async fn ack_all(
+        &self,
+        tokens: impl IntoIterator<Item = AckToken>,
+    ) -> Result<(), ClientError> {
+        let tokens: Vec<AckToken> = tokens.into_iter().collect();
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        self.request(Request::Ack { tokens }).await
+    }
+
     /// Whether the client has stopped: no request can succeed any more.
     pub fn is_closed(&self) -> bool {
         self.requests.is_closed()
@@ -384,25 +410,65 @@ impl Future for PublishAck {
     }
 }
 
+/// Acknowledges one QoS 1/2 message received with [`ClientOptions::manual_acks`]; pass it
+/// to [`Client::ack`]. It names the message by its packet identifier on the connection it
+/// arrived on, so it goes stale when that connection ends.
+///
+/// [`ClientOptions::manual_acks`]: crate::ClientOptions::manual_acks
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AckToken {
+    /// Which connection of this client the message arrived on.
+    pub(crate) connection: u64,
+    pub(crate) packet_id: u16,
+    pub(crate) qos: QoS,
+}
+
+impl AckToken {
+    /// The packet identifier of the message.
+    pub fn packet_id(&self) -> u16 {
+        self.packet_id
+    }
+
+    /// The QoS it was delivered with (1 or 2).
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+}
+
 /// The events of a client running on its own task ([`Client::connect`],
 /// [`EventLoop::spawn`]).
 #[derive(Debug)]
 pub struct Events {
-    receiver: mpsc::Receiver<Event>,
+    receiver: mpsc::Receiver<(Event, Option<AckToken>)>,
 }
 
 impl Events {
-    pub(crate) fn new(receiver: mpsc::Receiver<Event>) -> Events {
+    pub(crate) fn new(receiver: mpsc::Receiver<(Event, Option<AckToken>)>) -> Events {
         Events { receiver }
     }
 
-    /// The next event; `None` once the client has stopped and every event was read.
+    /// The next event; `None` once the client has stopped and every event was read. With
+    /// manual acknowledgements use [`recv_with_ack`](Events::recv_with_ack) instead, or the
+    /// messages are never acknowledged.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.receiver.recv().await
+        self.receiver.recv().await.map(|(event, _)| event)
     }
 
     /// The next event if one is ready.
     pub fn try_recv(&mut self) -> Option<Event> {
+        self.receiver.try_recv().ok().map(|(event, _)| event)
+    }
+
+    /// The next event with, for a QoS 1/2 message received with manual acknowledgements, the
+    /// token that acknowledges it ([`Client::ack`]); `None` once the client has stopped and
+    /// every event was read.
+    pub async fn recv_with_ack(&mut self) -> Option<(Event, Option<AckToken>)> {
+        self.receiver.recv().await
+    }
+
+    /// [`recv_with_ack`](Events::recv_with_ack) without waiting: the next event if one is
+    /// ready.
+    pub fn try_recv_with_ack(&mut self) -> Option<(Event, Option<AckToken>)> {
         self.receiver.try_recv().ok()
     }
 }

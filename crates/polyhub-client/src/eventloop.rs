@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::{debug, info};
 
-use crate::client::{Client, Events};
+use crate::client::{AckToken, Client, Events};
 use crate::error::{ConnectionError, StateError};
 use crate::options::ClientOptions;
 use crate::state::{Incoming, MqttState, Request, Waiter};
@@ -68,7 +68,9 @@ pub enum Event {
         properties: Properties,
     },
     /// A message arrived on a subscription. Topic aliases are already resolved; QoS 1/2
-    /// messages are acknowledged by the client.
+    /// messages are acknowledged by the client, unless [`ClientOptions::manual_acks`] is on:
+    /// then the application acknowledges them with the token that comes with the event
+    /// ([`EventLoop::poll_with_ack`], [`Events::recv_with_ack`]).
     Message(Publish),
     /// After a reconnect, the broker refused a subscription that was granted before; it is
     /// forgotten.
@@ -218,8 +220,14 @@ impl EventLoop {
     /// Cancel safety: dropping the future between events loses nothing, except during a
     /// connection attempt, which then starts over at the next call.
     pub async fn poll(&mut self) -> Option<Event> {
+        self.poll_with_ack().await.map(|(event, _)| event)
+    }
+
+    /// [`poll`](EventLoop::poll), with the token that acknowledges a QoS 1/2 message when
+    /// [`ClientOptions::manual_acks`] is on (`None` for every other event).
+    pub async fn poll_with_ack(&mut self) -> Option<(Event, Option<AckToken>)> {
         loop {
-            if let Some(event) = self.state.next_event() {
+            if let Some(event) = self.state.next_event_with_ack() {
                 return Some(event);
             }
             match self.phase {
@@ -237,7 +245,7 @@ impl EventLoop {
     pub fn spawn(mut self) -> Events {
         let (sender, receiver) = mpsc::channel(self.options.event_capacity);
         tokio::spawn(async move {
-            while let Some(event) = self.poll().await {
+            while let Some(event) = self.poll_with_ack().await {
                 // Without a receiver the events are simply dropped; requests still work.
                 let _ = sender.send(event).await;
             }

@@ -47,6 +47,7 @@ pub struct ClientOptions {
     pub(crate) pending_limit: usize,
     pub(crate) request_capacity: usize,
     pub(crate) event_capacity: usize,
+    pub(crate) manual_acks: bool,
 }
 
 impl ClientOptions {
@@ -80,6 +81,7 @@ impl ClientOptions {
             pending_limit: 1000,
             request_capacity: 256,
             event_capacity: 256,
+            manual_acks: false,
         }
     }
 
@@ -258,6 +260,24 @@ impl ClientOptions {
         self
     }
 
+    /// Acknowledge incoming QoS 1/2 messages only when the application says so, with the
+    /// [`AckToken`](crate::AckToken) that comes with each ([`Events::recv_with_ack`],
+    /// [`EventLoop::poll_with_ack`]) passed to [`Client::ack`]. Default `false`: acknowledged on
+    /// receipt.
+    ///
+    /// An unacknowledged message keeps its place in the broker's inflight window (our receive
+    /// maximum, [`receive_maximum`](Self::receive_maximum)), so at most that many wait for the
+    /// application at once. If the connection ends first, a broker that kept the session
+    /// delivers them again (with DUP) on the next connection, and the old tokens go stale.
+    ///
+    /// [`Events::recv_with_ack`]: crate::Events::recv_with_ack
+    /// [`EventLoop::poll_with_ack`]: crate::EventLoop::poll_with_ack
+    /// [`Client::ack`]: crate::Client::ack
+    pub fn manual_acks(mut self, manual: bool) -> Self {
+        self.manual_acks = manual;
+        self
+    }
+
     /// Keep-alive as sent in CONNECT.
     pub(crate) fn keep_alive_secs(&self) -> u16 {
         u16::try_from(self.keep_alive.as_secs()).unwrap_or(u16::MAX)
@@ -282,6 +302,7 @@ impl ClientOptions {
             } else {
                 0
             },
+            manual_acks: self.manual_acks,
         }
     }
 }

@@ -15,6 +15,11 @@
 //!   beyond the window, or made while offline, wait in a bounded FIFO (`pending`);
 //! - incoming QoS 2 identifiers between PUBREC and PUBREL, so a redelivered PUBLISH is not
 //!   handed to the application twice (the message is delivered on PUBLISH, "method A");
+//! - with manual acknowledgements, the incoming QoS 1/2 identifiers of this connection that
+//!   the application has not acknowledged yet: their PUBACK / PUBREC waits for
+//!   [`Client::ack`](crate::Client::ack), and a token from an earlier connection is ignored
+//!   (the broker delivers such a message again, so acknowledging it here could acknowledge
+//!   another message that reuses the identifier);
 //! - the subscriptions the broker granted, to subscribe again after a reconnect to a broker that
 //!   did not keep the session;
 //! - MQTT 5 inbound topic aliases and the limits from CONNACK (receive maximum, maximum packet
@@ -35,6 +40,7 @@ use polyhub_mqtt::{
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::client::AckToken;
 use crate::error::{ClientError, StateError};
 use crate::eventloop::Event;
 
@@ -64,6 +70,8 @@ pub(crate) enum Request {
         properties: Properties,
         waiter: Waiter<Vec<ReasonCode>>,
     },
+    /// Acknowledge messages received with manual acknowledgements.
+    Ack { tokens: Vec<AckToken> },
     /// Send DISCONNECT and stop (handled by the event loop, not the state).
     Disconnect { waiter: Waiter<()> },
 }
@@ -78,6 +86,8 @@ pub(crate) struct StateConfig {
     pub(crate) pending_limit: usize,
     /// Highest inbound topic alias we announce (MQTT 5).
     pub(crate) topic_alias_maximum: u16,
+    /// Incoming QoS 1/2 messages are acknowledged by the application, not on receipt.
+    pub(crate) manual_acks: bool,
 }
 
 /// What the broker allows, from its last CONNACK (MQTT 5 properties; 3.x brokers allow all).
@@ -225,7 +235,13 @@ pub(crate) struct MqttState {
     incoming_qos2: HashSet<u16>,
     /// Inbound topic aliases of this connection; index `alias - 1`.
     aliases: Vec<Option<String>>,
-    events: VecDeque<Event>,
+    /// Counts connections, so that acknowledgement tokens of an earlier one are recognised.
+    connection: u64,
+    /// Manual acknowledgements: incoming QoS 1/2 messages of this connection handed to the
+    /// application and not acknowledged yet, by packet identifier.
+    awaiting_app_ack: HashMap<u16, QoS>,
+    /// Events with, for messages to acknowledge manually, their token.
+    events: VecDeque<(Event, Option<AckToken>)>,
 }
 
 impl MqttState {
@@ -244,6 +260,8 @@ impl MqttState {
             subscriptions: BTreeMap::new(),
             incoming_qos2: HashSet::new(),
             aliases: Vec::new(),
+            connection: 0,
+            awaiting_app_ack: HashMap::new(),
             events: VecDeque::new(),
         }
     }
@@ -254,13 +272,20 @@ impl MqttState {
     }
 
     /// The next event for the application, if any.
+    #[cfg(test)]
     pub(crate) fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front().map(|(event, _)| event)
+    }
+
+    /// The next event for the application with, for a message to acknowledge manually, its
+    /// token.
+    pub(crate) fn next_event_with_ack(&mut self) -> Option<(Event, Option<AckToken>)> {
         self.events.pop_front()
     }
 
     /// Queue an event produced outside the state (connection changes).
     pub(crate) fn push_event(&mut self, event: Event) {
-        self.events.push_back(event);
+        self.events.push_back((event, None));
     }
 
     /// Whether the event loop should take more requests now. Online, a full `pending` queue
@@ -320,8 +345,44 @@ impl MqttState {
                     });
                 }
             }
+            Request::Ack { tokens } => {
+                for token in tokens {
+                    self.ack(token, out);
+                }
+            }
             Request::Disconnect { waiter } => {
                 let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    /// Send the PUBACK (QoS 1) or PUBREC (QoS 2) of a message the application acknowledges.
+    /// A token of an earlier connection, or one already used, is ignored: the broker delivers
+    /// an unacknowledged message again on the next connection.
+    fn ack(&mut self, token: AckToken, out: &mut BytesMut) {
+        if !self.connected || token.connection != self.connection {
+            debug!(
+                packet_id = token.packet_id,
+                "Acknowledgement of a message from an earlier connection: ignored."
+            );
+            return;
+        }
+        let Some(qos) = self.awaiting_app_ack.remove(&token.packet_id) else {
+            debug!(
+                packet_id = token.packet_id,
+                "Acknowledgement of a message not awaiting one: ignored."
+            );
+            return;
+        };
+        let version = self.config.version;
+        let response = PubResponse::success(token.packet_id);
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => write_response(out, Packet::PubAck, response, version),
+            QoS::ExactlyOnce => {
+                // From here on a resend is only answered, and PUBREL gets PUBCOMP.
+                self.incoming_qos2.insert(token.packet_id);
+                write_response(out, Packet::PubRec, response, version);
             }
         }
     }
@@ -333,12 +394,14 @@ impl MqttState {
     /// [`Event::Connected`].
     pub(crate) fn connected(&mut self, connack: &ConnAck, out: &mut BytesMut) {
         self.connected = true;
+        self.connection += 1;
+        self.awaiting_app_ack.clear();
         self.broker = BrokerLimits::from_connack(connack);
         self.aliases.clear();
         self.in_window = 0;
         self.resend.clear();
         let session_present = connack.session_present;
-        self.events.push_back(Event::Connected {
+        self.push_event(Event::Connected {
             session_present,
             properties: connack.properties.clone(),
         });
@@ -379,6 +442,8 @@ impl MqttState {
     /// The connection is gone; everything unacknowledged is kept for the next one.
     pub(crate) fn connection_lost(&mut self) {
         self.connected = false;
+        // Unacknowledged messages come again on the next connection, with new tokens.
+        self.awaiting_app_ack.clear();
         self.in_window = 0;
         self.resend.clear();
         self.aliases.clear();
@@ -733,11 +798,15 @@ impl MqttState {
             self.resolve_topic_alias(&mut publish)?;
         }
         let version = self.config.version;
+        if self.config.manual_acks && publish.qos != QoS::AtMostOnce {
+            self.incoming_publish_manual(publish, out);
+            return Ok(());
+        }
         match publish.qos {
-            QoS::AtMostOnce => self.events.push_back(Event::Message(publish)),
+            QoS::AtMostOnce => self.push_event(Event::Message(publish)),
             QoS::AtLeastOnce => {
                 let packet_id = publish.packet_id;
-                self.events.push_back(Event::Message(publish));
+                self.push_event(Event::Message(publish));
                 write_response(
                     out,
                     Packet::PubAck,
@@ -749,7 +818,7 @@ impl MqttState {
                 let packet_id = publish.packet_id;
                 // Delivered once, on first receipt; a resend before PUBREL is only answered.
                 if self.incoming_qos2.insert(packet_id) {
-                    self.events.push_back(Event::Message(publish));
+                    self.push_event(Event::Message(publish));
                 }
                 write_response(
                     out,
@@ -760,6 +829,38 @@ impl MqttState {
             }
         }
         Ok(())
+    }
+
+    /// A QoS 1/2 message with manual acknowledgements: handed to the application with a
+    /// token, unanswered until [`MqttState::ack`]. A resend on this connection of a message
+    /// still awaiting the application is not handed over twice; a QoS 2 resend of one already
+    /// acknowledged (PUBREC sent) is answered again, as without manual acknowledgements.
+    fn incoming_publish_manual(&mut self, publish: Publish, out: &mut BytesMut) {
+        let packet_id = publish.packet_id;
+        if publish.qos == QoS::ExactlyOnce && self.incoming_qos2.contains(&packet_id) {
+            write_response(
+                out,
+                Packet::PubRec,
+                PubResponse::success(packet_id),
+                self.config.version,
+            );
+            return;
+        }
+        if self.awaiting_app_ack.contains_key(&packet_id) {
+            debug!(
+                packet_id,
+                "Resend of a message awaiting acknowledgement: ignored."
+            );
+            return;
+        }
+        self.awaiting_app_ack.insert(packet_id, publish.qos);
+        let token = AckToken {
+            connection: self.connection,
+            packet_id,
+            qos: publish.qos,
+        };
+        self.events
+            .push_back((Event::Message(publish), Some(token)));
     }
 
     /// MQTT 5 §3.3.2.3.4: an alias with a topic (re)defines it; an alias with an empty topic
@@ -920,7 +1021,7 @@ impl MqttState {
             if code.is_error() {
                 if waiter.is_none() {
                     self.subscriptions.remove(&filter.filter);
-                    self.events.push_back(Event::ResubscribeFailed {
+                    self.push_event(Event::ResubscribeFailed {
                         filter: filter.filter.clone(),
                         reason_code: code,
                     });

@@ -16,6 +16,7 @@ scenario_tests!(
     dropping_handles_disconnects_cleanly,
     reconnect_and_resubscribe,
     persistent_session,
+    manual_acks,
 );
 
 async fn start_broker() -> Mosquitto {
@@ -112,6 +113,15 @@ async fn a_stopped_broker_is_detected_by_keep_alive() {
         assert!(started.elapsed() < std::time::Duration::from_secs(3));
         // Thawed, the broker takes the client back without help.
         common::connected(&mut events).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn manual_acks_hold_the_receive_window() {
+    common::bounded(async {
+        let mut broker = Mosquitto::start().await;
+        common::scenarios::manual_acks_hold_the_receive_window(&mut broker, false).await;
     })
     .await;
 }

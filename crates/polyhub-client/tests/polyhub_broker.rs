@@ -14,8 +14,18 @@ scenario_tests!(
     dropping_handles_disconnects_cleanly,
     reconnect_and_resubscribe,
     persistent_session,
+    manual_acks,
 );
 
 async fn start_broker() -> PolyhubBroker {
     PolyhubBroker::start().await
+}
+
+#[tokio::test]
+async fn manual_acks_hold_the_receive_window() {
+    common::bounded(async {
+        let mut broker = PolyhubBroker::start().await;
+        common::scenarios::manual_acks_hold_the_receive_window(&mut broker, true).await;
+    })
+    .await;
 }

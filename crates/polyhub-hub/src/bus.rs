@@ -82,7 +82,11 @@ pub trait BusConnector: Send + Sync + std::fmt::Debug + 'static {
     /// Connects as `client_id`. With `persistent`, the broker keeps the session (subscriptions
     /// and unacknowledged messages) when the client goes away, and the next connect with the
     /// same id resumes it.
-    async fn connect(&self, client_id: &str, persistent: bool) -> Result<Box<dyn BusClient>, BusError>;
+    async fn connect(
+        &self,
+        client_id: &str,
+        persistent: bool,
+    ) -> Result<Box<dyn BusClient>, BusError>;
 }
 
 /// A client connected to or disconnected from the broker (the embedded broker reports these;

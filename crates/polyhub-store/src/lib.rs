@@ -94,8 +94,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     // --- presence ---------------------------------------------------------------------
     /// Records a connection change of a registered device (unknown devices: `NotFound`).
-    async fn set_presence(&self, device_id: &str, online: bool, at: Millis)
-    -> Result<(), StoreError>;
+    async fn set_presence(
+        &self,
+        device_id: &str,
+        online: bool,
+        at: Millis,
+    ) -> Result<(), StoreError>;
     /// A registered device's presence (offline with no times if never seen).
     async fn get_presence(&self, device_id: &str) -> Result<Presence, StoreError>;
     /// Presence of every device of a hub, ordered by device id.

@@ -1,4 +1,5 @@
-//! The command line: `polyhub run`, `polyhub config default`, `polyhub config check`.
+//! The command line: `polyhub run`, `polyhub config default|check`, the hidden `polyhub parser`
+//! (a hub parser in its own process), and the API client commands of [`crate::ctl`].
 //!
 //! Environment variables are deliberately not wired through clap: they form their own layer
 //! ([`Overrides::from_env`](crate::config::Overrides::from_env)), so that the precedence
@@ -31,6 +32,33 @@ pub(crate) enum Command {
     /// Print the default configuration, or check a configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run one hub's parser as its own process (started by `polyhub run` for hubs in
+    /// process isolation; not meant to be run by hand).
+    #[command(hide = true)]
+    Parser(ParserArgs),
+    /// Registry, hub control and telemetry, through the REST API of a running polyhub.
+    #[command(flatten)]
+    Ctl(crate::ctl::CtlCommand),
+}
+
+/// Flags of `polyhub parser`: what the hub manager passes to a child parser.
+#[derive(Debug, Args)]
+pub(crate) struct ParserArgs {
+    /// The hub to ingest.
+    #[arg(long, value_name = "ID")]
+    pub(crate) hub: String,
+    /// The MQTT listener of the parent polyhub to connect to.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) mqtt_connect: SocketAddr,
+    /// Configuration file (TOML) of the parent.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// The parent's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Log filter.
+    #[arg(long, value_name = "LEVEL")]
+    pub(crate) log: Option<String>,
 }
 
 /// `polyhub config ...`.
@@ -75,6 +103,10 @@ pub(crate) struct RunArgs {
     /// Log filter: a level (info, debug, ...) or RUST_LOG syntax [env: POLYHUB_LOG]
     #[arg(long, value_name = "LEVEL")]
     pub(crate) log: Option<String>,
+    /// Address of the REST API and web UI, e.g. 127.0.0.1:8080; port 0 picks a free port
+    /// [env: POLYHUB_HTTP_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) http_listen: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -90,6 +122,7 @@ impl RunArgs {
             tls_ca: self.tls_ca.clone(),
             // A boolean flag can only turn the requirement on; absent means "not said".
             tls_require_client_cert: self.tls_require_client_cert.then_some(true),
+            http_listen: self.http_listen,
         }
     }
 }
@@ -146,6 +179,8 @@ mod tests {
             "debug",
             "--config",
             "polyhub.toml",
+            "--http-listen",
+            "127.0.0.1:0",
         ]);
         assert_eq!(args.config, Some(PathBuf::from("polyhub.toml")));
         assert_eq!(
@@ -159,6 +194,7 @@ mod tests {
                 tls_key: Some("k.pem".into()),
                 tls_ca: Some("ca.pem".into()),
                 tls_require_client_cert: Some(true),
+                http_listen: Some("127.0.0.1:0".parse().unwrap()),
             }
         );
     }

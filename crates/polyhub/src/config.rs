@@ -43,10 +43,12 @@ pub(crate) mod env {
     pub(crate) const TLS_CA: &str = "POLYHUB_TLS_CA";
     /// `[mqtt.tls] require_client_cert`.
     pub(crate) const TLS_REQUIRE_CLIENT_CERT: &str = "POLYHUB_TLS_REQUIRE_CLIENT_CERT";
+    /// `[http] listen`.
+    pub(crate) const HTTP_LISTEN: &str = "POLYHUB_HTTP_LISTEN";
 
     /// Every variable, for documentation checks.
     #[cfg(test)]
-    pub(crate) const ALL: [&str; 9] = [
+    pub(crate) const ALL: [&str; 10] = [
         CONFIG,
         DATA_DIR,
         LOG,
@@ -56,6 +58,7 @@ pub(crate) mod env {
         TLS_KEY,
         TLS_CA,
         TLS_REQUIRE_CLIENT_CERT,
+        HTTP_LISTEN,
     ];
 }
 
@@ -70,6 +73,20 @@ pub(crate) struct Config {
     pub(crate) log: LogConfig,
     /// The `[mqtt]` section: the broker's listeners and limits.
     pub(crate) mqtt: MqttConfig,
+    /// The `[http]` section: the REST API.
+    pub(crate) http: polyhub_api::ApiConfig,
+    /// The `[hub]` section: hub manager, parsers and ingest.
+    pub(crate) hub: polyhub_hub::HubConfig,
+    /// The `[storage]` section: where the registry and telemetry live.
+    pub(crate) storage: StorageConfig,
+}
+
+/// The `[storage]` section.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct StorageConfig {
+    /// `[storage.sqlite]`: the embedded database in the data directory.
+    pub(crate) sqlite: polyhub_store::SqliteConfig,
 }
 
 impl Default for Config {
@@ -78,6 +95,9 @@ impl Default for Config {
             data_dir: PathBuf::from("polyhub-data"),
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
+            http: polyhub_api::ApiConfig::default(),
+            hub: polyhub_hub::HubConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -168,6 +188,9 @@ impl Config {
             if let Some(listen) = layer.mqtt_listen {
                 self.mqtt.listen = listen;
             }
+            if let Some(listen) = layer.http_listen {
+                self.http.listen = listen;
+            }
             tls.apply(layer);
         }
         self.mqtt.tls = tls.finish()?;
@@ -176,6 +199,9 @@ impl Config {
 
     /// Checks what serde cannot: settings that contradict each other, and the log filter.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.hub
+            .validate()
+            .map_err(|error| ConfigError::Invalid(format!("[hub]: {error}")))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|error| {
             ConfigError::Invalid(format!(
                 "invalid log filter {:?} ([log] level, {} or --log): {error}",
@@ -250,6 +276,8 @@ pub(crate) struct Overrides {
     pub(crate) tls_ca: Option<PathBuf>,
     /// `[mqtt.tls] require_client_cert`.
     pub(crate) tls_require_client_cert: Option<bool>,
+    /// `[http] listen`.
+    pub(crate) http_listen: Option<SocketAddr>,
 }
 
 impl Overrides {
@@ -276,6 +304,9 @@ impl Overrides {
             tls_ca: path(env::TLS_CA),
             tls_require_client_cert: get(env::TLS_REQUIRE_CLIENT_CERT)
                 .map(|value| boolean(env::TLS_REQUIRE_CLIENT_CERT, value))
+                .transpose()?,
+            http_listen: get(env::HTTP_LISTEN)
+                .map(|value| socket_addr(env::HTTP_LISTEN, value))
                 .transpose()?,
         })
     }
@@ -487,7 +518,9 @@ mod tests {
             .split_once("expected one of ")
             .or_else(|| message.split_once("expected "))
             .unwrap_or_else(|| panic!("unexpected error: {message}"));
+        // serde lists two fields as "`a` or `b`" and more as "one of `a`, `b`, `c`".
         list.split(", ")
+            .flat_map(|part| part.split(" or "))
             .map(|field| field.trim_matches('`').to_owned())
             .collect()
     }
@@ -517,6 +550,23 @@ mod tests {
 
     /// Every key of every section appears in the default file (set or commented out), so the
     /// file stays a complete reference when a section gains a field.
+    /// Keys that name a sub-section rather than a setting.
+    fn is_section(field: &str) -> bool {
+        [
+            "log",
+            "mqtt",
+            "tls",
+            "limits",
+            "persistence",
+            "http",
+            "hub",
+            "channels",
+            "storage",
+            "sqlite",
+        ]
+        .contains(&field)
+    }
+
     #[test]
     fn default_file_mentions_every_key() {
         let sections = [
@@ -532,11 +582,22 @@ mod tests {
                 "[mqtt.persistence]",
                 expected_fields::<polyhub_broker::PersistenceConfig>(),
             ),
+            ("[http]", expected_fields::<polyhub_api::ApiConfig>()),
+            ("[hub]", expected_fields::<polyhub_hub::HubConfig>()),
+            (
+                "[hub.channels]",
+                expected_fields::<polyhub_hub::ChannelTemplates>(),
+            ),
+            ("[storage]", expected_fields::<StorageConfig>()),
+            (
+                "[storage.sqlite]",
+                expected_fields::<polyhub_store::SqliteConfig>(),
+            ),
         ];
         for (section, fields) in sections {
             assert!(!fields.is_empty());
             for field in fields {
-                if ["log", "mqtt", "tls", "limits", "persistence"].contains(&field.as_str()) {
+                if is_section(&field) {
                     continue;
                 }
                 let mentioned = DEFAULT_CONFIG_TOML.lines().any(|line| {
@@ -562,10 +623,13 @@ mod tests {
             expected_fields::<TlsConfig>(),
             expected_fields::<polyhub_broker::BrokerConfig>(),
             expected_fields::<polyhub_broker::PersistenceConfig>(),
+            expected_fields::<polyhub_api::ApiConfig>(),
+            expected_fields::<polyhub_hub::HubConfig>(),
+            expected_fields::<polyhub_hub::ChannelTemplates>(),
+            expected_fields::<StorageConfig>(),
+            expected_fields::<polyhub_store::SqliteConfig>(),
         ];
         // Sections are documented under their own headings, not as keys.
-        let is_section =
-            |field: &str| ["log", "mqtt", "tls", "limits", "persistence"].contains(&field);
         for field in sections.into_iter().flatten().filter(|f| !is_section(f)) {
             assert!(
                 docs.contains(&format!("`{field}`")),
@@ -687,6 +751,7 @@ mod tests {
             ("POLYHUB_TLS_REQUIRE_CLIENT_CERT", "yes"),
             ("POLYHUB_DATA_DIR", "/tmp/data"),
             ("POLYHUB_LOG", "debug"),
+            ("POLYHUB_HTTP_LISTEN", "127.0.0.1:2002"),
         ]))
         .unwrap();
         assert_eq!(
@@ -700,6 +765,7 @@ mod tests {
                 tls_key: Some("k.pem".into()),
                 tls_ca: Some("ca.pem".into()),
                 tls_require_client_cert: Some(true),
+                http_listen: Some(addr("127.0.0.1:2002")),
             }
         );
     }

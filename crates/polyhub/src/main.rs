@@ -15,9 +15,11 @@
 //! failure while running (a port already in use, an unwritable data directory).
 
 mod bus;
+mod child;
 mod cli;
 mod config;
 mod ctl;
+mod platform;
 mod run;
 
 use std::io::Write;
@@ -86,7 +88,20 @@ fn execute(command: Command) -> Result<(), Failure> {
         }
         Command::Config(ConfigCommand::Default) => print_stdout(DEFAULT_CONFIG_TOML),
         Command::Config(ConfigCommand::Check(args)) => check(&args),
+        Command::Parser(args) => child::run(args),
+        Command::Ctl(command) => run_ctl(command),
     }
+}
+
+/// The API client commands: one request (or a few), on a small runtime of their own.
+fn run_ctl(command: ctl::CtlCommand) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| Failure::Runtime(anyhow!("cannot start the async runtime: {error}")))?;
+    runtime
+        .block_on(ctl::run(command))
+        .map_err(|error| Failure::Runtime(error.into()))
 }
 
 /// `polyhub config check`: everything `polyhub run` would check before binding a socket.

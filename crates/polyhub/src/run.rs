@@ -10,17 +10,20 @@
 
 use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use polyhub_broker::persist::{self, PersistError};
 use polyhub_broker::{Broker, BrokerError, Snapshot};
 use polyhub_sdk::ServiceManager;
+use polyhub_store::Store;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -65,6 +68,7 @@ pub(crate) fn run(config: Config, source: Option<PathBuf>) -> Result<(), Failure
     })?;
     info!("data directory {}", config.data_dir.display());
     let saved = load_saved_state(&config)?;
+    let store = crate::platform::open_store(&config)?;
 
     // With one CPU (a container limit or a CPU mask), a multi-threaded runtime's single
     // worker only adds a hand-off between threads and work-stealing bookkeeping; the
@@ -80,7 +84,7 @@ pub(crate) fn run(config: Config, source: Option<PathBuf>) -> Result<(), Failure
         .build()
         .context("cannot start the async runtime")
         .map_err(Failure::Runtime)?;
-    runtime.block_on(serve(&config, tls, saved))
+    runtime.block_on(serve(&config, source.as_deref(), tls, saved, store))
 }
 
 /// Where the broker state is saved, when persistence is on.
@@ -112,8 +116,10 @@ fn load_saved_state(config: &Config) -> Result<Option<Snapshot>, Failure> {
 /// Binds the listeners, serves until a signal, then shuts down gracefully.
 async fn serve(
     config: &Config,
+    config_file: Option<&Path>,
     tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
     saved: Option<Snapshot>,
+    store: Arc<dyn Store>,
 ) -> Result<(), Failure> {
     let mut signals = Signals::register()
         .context("cannot install signal handlers")
@@ -125,6 +131,7 @@ async fn serve(
         Some((address, acceptor)) => Some((bind("MQTTS", address).await?, acceptor)),
         None => None,
     };
+    let http = bind("HTTP", config.http.listen).await?;
 
     let broker = Broker::new(config.mqtt.limits.clone());
     let snapshot_path = snapshot_path(config);
@@ -179,6 +186,20 @@ async fn serve(
         });
     }
 
+    let platform_shutdown = CancellationToken::new();
+    let platform = crate::platform::start(
+        config,
+        &broker,
+        store,
+        http,
+        crate::platform::ChildSettings {
+            mqtt_address: address,
+            config_file,
+        },
+        platform_shutdown.clone(),
+    )
+    .await?;
+
     let outcome = tokio::select! {
         name = signals.recv() => {
             info!("{name} received, shutting down");
@@ -188,6 +209,8 @@ async fn serve(
     };
 
     // Whatever the reason, stop accepting, then let the broker say goodbye to its clients.
+    // The parsers stop after the devices are gone, so that what the devices sent last is
+    // committed and acknowledged before the broker state is saved.
     let _ = stop.send(true);
     let graceful = async {
         while let Some(ended) = listeners.join_next().await {
@@ -195,6 +218,8 @@ async fn serve(
                 warn!("{error:#}");
             }
         }
+        platform_shutdown.cancel();
+        platform.finish().await;
         broker.shutdown().await;
         // A save in progress is finished before the final one starts.
         if let Some(autosave) = autosave {
@@ -259,7 +284,7 @@ fn flatten(ended: Result<ListenerEnd, JoinError>) -> anyhow::Result<(&'static st
     Ok((name, address))
 }
 
-/// Binds `address` for the listener called `what` (`MQTT`, `MQTTS`).
+/// Binds `address` for the listener called `what` (`MQTT`, `MQTTS`, `HTTP`).
 async fn bind(what: &str, address: SocketAddr) -> Result<TcpListener, Failure> {
     TcpListener::bind(address).await.map_err(|error| {
         let reason = match error.kind() {
@@ -286,13 +311,13 @@ async fn stopped(mut stop_requested: watch::Receiver<bool>) {
 }
 
 /// SIGINT and SIGTERM, registered up front.
-struct Signals {
+pub(crate) struct Signals {
     interrupt: Signal,
     terminate: Signal,
 }
 
 impl Signals {
-    fn register() -> io::Result<Signals> {
+    pub(crate) fn register() -> io::Result<Signals> {
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt())?,
             terminate: signal(SignalKind::terminate())?,
@@ -300,7 +325,7 @@ impl Signals {
     }
 
     /// Waits for the next signal and names it.
-    async fn recv(&mut self) -> &'static str {
+    pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",
@@ -310,7 +335,7 @@ impl Signals {
 
 /// Logs to standard error, filtered by `filter` (`RUST_LOG` syntax), without colours unless
 /// standard error is a terminal, so that logs captured by tests and services stay plain text.
-fn init_logging(filter: &str) -> Result<(), Failure> {
+pub(crate) fn init_logging(filter: &str) -> Result<(), Failure> {
     let filter = EnvFilter::try_new(filter)
         .with_context(|| format!("invalid log filter {filter:?}"))
         .map_err(Failure::Config)?;

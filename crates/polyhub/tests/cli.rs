@@ -39,6 +39,8 @@ fn polyhub(dir: &Path, args: &[&str]) -> Command {
     for name in POLYHUB_VARIABLES {
         command.env_remove(name);
     }
+    // Tests run in parallel: each polyhub gets its own free port for the REST API.
+    command.env("POLYHUB_HTTP_LISTEN", "127.0.0.1:0");
     command
 }
 

@@ -26,6 +26,8 @@ fn polyhub(dir: &Path, args: &[&str]) -> Command {
             command.env_remove(name);
         }
     }
+    // Tests run in parallel: each polyhub gets its own free port for the REST API.
+    command.env("POLYHUB_HTTP_LISTEN", "127.0.0.1:0");
     command
 }
 
@@ -324,9 +326,11 @@ fn corrupt_snapshot_is_moved_aside_when_configured() {
     let mut running = Running::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
     running.mqtt_address();
     running.wait_for_line("moved it aside");
+    // The hub's database lives in the same directory; only the broker's files matter here.
     let names: Vec<String> = std::fs::read_dir(dir.path().join("state"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("broker.db"))
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(names[0].starts_with("broker.db.corrupt-"), "{names:?}");

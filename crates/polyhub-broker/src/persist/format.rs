@@ -13,6 +13,10 @@
 //! sessions is stored once. The end record repeats the record counts, so a file cut exactly at
 //! a record boundary is still detected. `docs/persistence.md` lists every field.
 //!
+//! Version 2 adds message sequence numbers: each message record ends with the message's
+//! `seq` (u64), and the end record with the snapshot's `last_seq` (u64). Version 1 files
+//! still load, with 0 for both (restoring gives their messages new numbers).
+//!
 //! Design: the decoder trusts nothing. Every length is checked against the bytes left before
 //! anything is allocated, every enum byte and reference is validated, and errors carry the byte
 //! offset of the record at fault, so a damaged file gives one precise error instead of a panic.
@@ -27,8 +31,12 @@ use crate::message::MessageProperties;
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"PHBROKER";
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes; it reads this one and [`OLDEST_READABLE_VERSION`]
+/// onwards.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this build reads (version 1: no sequence numbers).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Header length: magic, version, saved_at, CRC.
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
@@ -48,6 +56,9 @@ pub struct Snapshot {
     /// When the snapshot was taken, in seconds since the Unix epoch (informational: expiry
     /// times are stored as what remained at that moment).
     pub saved_at: u64,
+    /// The highest message sequence number the broker had handed out when the snapshot was
+    /// taken (0: unknown, from a version 1 file); a restored broker numbers above it.
+    pub last_seq: u64,
     /// Every message referenced by `retained` or a session.
     pub messages: Vec<StoredMessage>,
     /// Retained messages, one per topic (the message's topic).
@@ -59,6 +70,8 @@ pub struct Snapshot {
 /// An application message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
+    /// The broker's sequence number of the message (0: unknown, from a version 1 file).
+    pub seq: u64,
     /// Topic name.
     pub topic: String,
     /// Payload.
@@ -159,7 +172,7 @@ pub enum SnapshotError {
     BadMagic,
     /// Written by a polyhub with another format version.
     #[error(
-        "snapshot format version {found} is not supported (this polyhub reads version {FORMAT_VERSION})"
+        "snapshot format version {found} is not supported (this polyhub reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
     )]
     UnsupportedVersion {
         /// The version in the header.
@@ -291,6 +304,7 @@ pub fn write_to(out: &mut impl Write, snapshot: &Snapshot) -> io::Result<()> {
     record.count(snapshot.messages.len());
     record.count(snapshot.retained.len());
     record.count(snapshot.sessions.len());
+    record.u64(snapshot.last_seq);
     record.finish(out)
 }
 
@@ -327,6 +341,10 @@ impl Record {
     }
 
     fn u32(&mut self, value: u32) {
+        self.buf.extend_from_slice(&value.to_be_bytes());
+    }
+
+    fn u64(&mut self, value: u64) {
         self.buf.extend_from_slice(&value.to_be_bytes());
     }
 
@@ -376,6 +394,7 @@ impl Record {
             self.str(name);
             self.str(value);
         }
+        self.u64(message.seq);
     }
 
     fn session(&mut self, session: &StoredSession) {
@@ -456,9 +475,10 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
             offset: 0,
         });
     }
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(SnapshotError::UnsupportedVersion { found: version });
     }
+    let has_seq = version >= 2;
 
     let mut snapshot = Snapshot {
         saved_at,
@@ -479,7 +499,9 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
                         "message record after retained or session records".into(),
                     ));
                 }
-                snapshot.messages.push(reader.message().map_err(invalid)?);
+                snapshot
+                    .messages
+                    .push(reader.message(has_seq).map_err(invalid)?);
             }
             KIND_RETAINED => {
                 if !snapshot.sessions.is_empty() {
@@ -513,6 +535,9 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
                         "session",
                     ),
                 ];
+                if has_seq {
+                    snapshot.last_seq = reader.u64().map_err(invalid)?;
+                }
                 reader.end().map_err(invalid)?;
                 for (expected, found, what) in counts {
                     if expected as usize != found {
@@ -614,6 +639,10 @@ impl<'a> Reader<'a> {
         Ok(u32::from_be_bytes(fixed(self.take(4, "a u32")?)))
     }
 
+    fn u64(&mut self) -> Read<u64> {
+        Ok(u64::from_be_bytes(fixed(self.take(8, "a u64")?)))
+    }
+
     /// A count of items of at least `min_item_len` bytes each, checked against what is left
     /// so that a damaged count cannot make us allocate or loop for nothing.
     fn count(&mut self, min_item_len: usize, what: &str) -> Read<usize> {
@@ -672,7 +701,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn message(&mut self) -> Read<StoredMessage> {
+    /// A message record's body; `has_seq` from format version 2 on.
+    fn message(&mut self, has_seq: bool) -> Read<StoredMessage> {
         let topic_name = self.string("topic")?;
         if topic::validate_topic_name(&topic_name).is_err() {
             return Err(format!("{topic_name:?} is not a valid topic name"));
@@ -694,7 +724,9 @@ impl<'a> Reader<'a> {
             let value = self.string("user property value")?;
             user_properties.push((name, value));
         }
+        let seq = if has_seq { self.u64()? } else { 0 };
         Ok(StoredMessage {
+            seq,
             topic: topic_name,
             payload,
             qos,
@@ -882,6 +914,7 @@ mod tests {
 
     fn message(topic_name: &str, payload: &'static [u8]) -> StoredMessage {
         StoredMessage {
+            seq: 1_000 + payload.len() as u64,
             topic: topic_name.into(),
             payload: Bytes::from_static(payload),
             qos: QoS::AtLeastOnce,
@@ -912,6 +945,7 @@ mod tests {
         };
         Snapshot {
             saved_at: 1_700_000_000,
+            last_seq: 1_700_000_000_000_123,
             messages: vec![
                 retained,
                 message("cmd/x", b"go"),
@@ -964,9 +998,9 @@ mod tests {
     #[test]
     fn empty_snapshot_is_a_header_and_an_end_record() {
         let bytes = encode(&Snapshot::default());
-        assert_eq!(bytes.len(), HEADER_LEN + RECORD_OVERHEAD + 12);
+        assert_eq!(bytes.len(), HEADER_LEN + RECORD_OVERHEAD + 12 + 8);
         assert_eq!(&bytes[..8], b"PHBROKER");
-        assert_eq!(&bytes[8..12], &[0, 0, 0, 1]);
+        assert_eq!(&bytes[8..12], &[0, 0, 0, 2]);
         assert_eq!(bytes[HEADER_LEN], KIND_END);
         assert_eq!(decode(&bytes), Ok(Snapshot::default()));
     }
@@ -1012,13 +1046,54 @@ mod tests {
             })
         );
         let mut bytes = encode(&Snapshot::default());
-        bytes[8..12].copy_from_slice(&2u32.to_be_bytes());
-        let crc = crc32(&bytes[..20]);
-        bytes[20..24].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(
-            decode(&bytes),
-            Err(SnapshotError::UnsupportedVersion { found: 2 })
-        );
+        for version in [0u32, 3] {
+            bytes[8..12].copy_from_slice(&version.to_be_bytes());
+            let crc = crc32(&bytes[..20]);
+            bytes[20..24].copy_from_slice(&crc.to_be_bytes());
+            assert_eq!(
+                decode(&bytes),
+                Err(SnapshotError::UnsupportedVersion { found: version })
+            );
+        }
+    }
+
+    /// Rewrite a version 2 file as version 1 wrote it: no `seq` at the end of message
+    /// records, no `last_seq` at the end of the end record.
+    fn as_version_1(bytes: &[u8]) -> Vec<u8> {
+        let mut header = bytes[..HEADER_LEN].to_vec();
+        header[8..12].copy_from_slice(&1u32.to_be_bytes());
+        let crc = crc32(&header[..20]);
+        header[20..24].copy_from_slice(&crc.to_be_bytes());
+        let mut out = header;
+        let mut offset = HEADER_LEN;
+        while offset < bytes.len() {
+            let (kind, body, next) = split_record(bytes, offset).unwrap();
+            let body = match kind {
+                KIND_MESSAGE | KIND_END => &body[..body.len() - 8],
+                _ => body,
+            };
+            let mut record = vec![kind];
+            record.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            record.extend_from_slice(body);
+            let crc = crc32(&record);
+            record.extend_from_slice(&crc.to_be_bytes());
+            out.extend_from_slice(&record);
+            offset = next;
+        }
+        out
+    }
+
+    #[test]
+    fn version_1_files_load_without_sequence_numbers() {
+        let snapshot = sample();
+        let old = as_version_1(&encode(&snapshot));
+        assert_eq!(&old[8..12], &[0, 0, 0, 1]);
+        let mut expected = snapshot;
+        expected.last_seq = 0;
+        for message in &mut expected.messages {
+            message.seq = 0;
+        }
+        assert_eq!(decode(&old), Ok(expected));
     }
 
     #[test]
@@ -1144,14 +1219,18 @@ mod tests {
             qos(),
             any::<bool>(),
             properties(),
+            any::<u64>(),
         )
-            .prop_map(|(topic, payload, qos, retain, properties)| StoredMessage {
-                topic,
-                payload: Bytes::from(payload),
-                qos,
-                retain,
-                properties,
-            })
+            .prop_map(
+                |(topic, payload, qos, retain, properties, seq)| StoredMessage {
+                    seq,
+                    topic,
+                    payload: Bytes::from(payload),
+                    qos,
+                    retain,
+                    properties,
+                },
+            )
     }
 
     fn delivery_to(messages: u32) -> impl Strategy<Value = StoredDelivery> {
@@ -1259,8 +1338,12 @@ mod tests {
     }
 
     fn snapshot() -> impl Strategy<Value = Snapshot> {
-        (any::<u64>(), prop::collection::vec(stored_message(), 0..5)).prop_flat_map(
-            |(saved_at, messages)| {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(stored_message(), 0..5),
+        )
+            .prop_flat_map(|(saved_at, last_seq, messages)| {
                 let count = messages.len() as u32;
                 let retained = if count == 0 {
                     prop::collection::vec(0..1u32, 0..1).boxed()
@@ -1273,16 +1356,16 @@ mod tests {
                     retained,
                     prop::collection::vec(session(count), 0..3),
                 )
-                    .prop_map(|(saved_at, messages, retained, sessions)| {
+                    .prop_map(move |(saved_at, messages, retained, sessions)| {
                         Snapshot {
                             saved_at,
+                            last_seq,
                             messages,
                             retained,
                             sessions,
                         }
                     })
-            },
-        )
+            })
     }
 
     proptest! {

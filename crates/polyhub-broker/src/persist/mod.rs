@@ -26,8 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 pub use format::{
-    FORMAT_VERSION, InflightStage, MAGIC, Snapshot, SnapshotError, StoredDelivery, StoredInflight,
-    StoredMessage, StoredSession, StoredSubscription, StoredWill, decode, encode,
+    FORMAT_VERSION, InflightStage, MAGIC, OLDEST_READABLE_VERSION, Snapshot, SnapshotError,
+    StoredDelivery, StoredInflight, StoredMessage, StoredSession, StoredSubscription, StoredWill,
+    decode, encode,
 };
 pub use state::RestoreSummary;
 pub(crate) use state::{restore, snapshot};
@@ -284,7 +285,9 @@ mod tests {
     fn sample() -> Snapshot {
         Snapshot {
             saved_at: 5,
+            last_seq: 9,
             messages: vec![StoredMessage {
+                seq: 7,
                 topic: "a/b".into(),
                 payload: bytes::Bytes::from_static(b"hello"),
                 qos: polyhub_mqtt::QoS::AtLeastOnce,

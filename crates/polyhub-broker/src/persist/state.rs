@@ -56,6 +56,7 @@ struct MessageTable {
 impl MessageTable {
     fn stored(&self, message: &Message) -> StoredMessage {
         StoredMessage {
+            seq: message.seq,
             topic: message.topic.clone(),
             payload: message.payload.clone(),
             qos: message.qos,
@@ -141,6 +142,8 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
 
     Snapshot {
         saved_at,
+        // Read last: every message taken above was numbered before this.
+        last_seq: shared.last_seq(),
         messages: table.messages,
         retained,
         sessions: stored_sessions,
@@ -259,10 +262,17 @@ pub(crate) fn restore(
     snapshot
         .check()
         .map_err(|error| BrokerError::InvalidRequest(format!("inconsistent snapshot: {error}")))?;
+    // Numbers from now on are above every number of the saved run, so they stay unique.
+    let highest_saved = snapshot
+        .messages
+        .iter()
+        .map(|stored| stored.seq)
+        .fold(snapshot.last_seq, u64::max);
+    shared.seq_above(highest_saved);
     let messages: Vec<Arc<Message>> = snapshot
         .messages
         .iter()
-        .map(|stored| Arc::new(message(stored)))
+        .map(|stored| Arc::new(message(shared, stored)))
         .collect();
     let mut summary = RestoreSummary::default();
 
@@ -344,7 +354,7 @@ pub(crate) fn restore(
             state.set_next_packet_id(stored.next_packet_id);
             if let Some(will) = &stored.will {
                 // Its own copy: a pending will is owned by its session, not shared.
-                let message = message(&snapshot.messages[will.message as usize]);
+                let message = message(shared, &snapshot.messages[will.message as usize]);
                 if will_delay == 0 {
                     due_wills.push((session.client_id.clone(), message));
                 } else {
@@ -400,16 +410,24 @@ fn register(shared: &Shared, client_id: &str) -> Option<Arc<Session>> {
     Some(session)
 }
 
-/// A live message from a stored one; its expiry counts from now.
-fn message(stored: &StoredMessage) -> Message {
-    Message::new(
+/// A live message from a stored one; its expiry counts from now. It keeps its sequence
+/// number, so a redelivery after the restart is recognised as one; a message saved without
+/// one (format version 1) gets a new one.
+fn message(shared: &Shared, stored: &StoredMessage) -> Message {
+    let mut message = Message::new(
         stored.topic.clone(),
         stored.payload.clone(),
         stored.qos,
         stored.retain,
         BROKER_PUBLISHER,
         stored.properties.clone(),
-    )
+    );
+    message.seq = if stored.seq == 0 {
+        shared.next_seq()
+    } else {
+        stored.seq
+    };
+    message
 }
 
 fn delivery(stored: &StoredDelivery, messages: &[Arc<Message>]) -> Delivery {

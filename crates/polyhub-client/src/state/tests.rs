@@ -9,6 +9,7 @@ use polyhub_mqtt::{
 use tokio::sync::oneshot;
 
 use super::{Incoming, MqttState, Request, StateConfig};
+use crate::client::AckToken;
 use crate::error::{ClientError, StateError};
 use crate::eventloop::Event;
 
@@ -23,6 +24,7 @@ fn config(version: ProtocolVersion) -> StateConfig {
         inflight_limit: 10,
         pending_limit: 3,
         topic_alias_maximum: 4,
+        manual_acks: false,
     }
 }
 
@@ -980,5 +982,136 @@ fn shutting_down_fails_every_waiter_with_closed() {
     assert_eq!(
         subscribing.try_recv(),
         Err(oneshot::error::TryRecvError::Closed)
+    );
+}
+
+// --- manual acknowledgements ------------------------------------------------------------
+
+fn manual(version: ProtocolVersion) -> MqttState {
+    online_with(StateConfig {
+        manual_acks: true,
+        ..config(version)
+    })
+}
+
+/// The next event, which must be a message, with its token.
+fn next_message_with_ack(state: &mut MqttState) -> (Publish, Option<AckToken>) {
+    match state.next_event_with_ack() {
+        Some((Event::Message(publish), token)) => (publish, token),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+fn ack(state: &mut MqttState, out: &mut BytesMut, tokens: &[AckToken]) {
+    state.handle_request(
+        Request::Ack {
+            tokens: tokens.to_vec(),
+        },
+        out,
+    );
+}
+
+#[test]
+fn manual_acks_hold_puback_until_the_application_acks() {
+    let mut state = manual(V311);
+    let mut out = BytesMut::new();
+    handle(&mut state, &mut out, incoming(0, QoS::AtMostOnce, "zero"));
+    let (_, token) = next_message_with_ack(&mut state);
+    assert!(token.is_none(), "QoS 0 needs no acknowledgement");
+
+    handle(&mut state, &mut out, incoming(7, QoS::AtLeastOnce, "one"));
+    handle(&mut state, &mut out, incoming(8, QoS::AtLeastOnce, "two"));
+    assert!(out.is_empty(), "nothing acknowledged on receipt");
+    let (_, first) = next_message_with_ack(&mut state);
+    let (_, second) = next_message_with_ack(&mut state);
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert_eq!((first.packet_id(), first.qos()), (7, QoS::AtLeastOnce));
+
+    // Out of order, and twice: the second acknowledgement of a token does nothing.
+    ack(&mut state, &mut out, &[second, second]);
+    assert_eq!(
+        written(&mut out, V311),
+        [Packet::PubAck(PubResponse::success(8))]
+    );
+    ack(&mut state, &mut out, &[first]);
+    assert_eq!(
+        written(&mut out, V311),
+        [Packet::PubAck(PubResponse::success(7))]
+    );
+}
+
+#[test]
+fn manual_acks_of_qos2_send_pubrec_then_complete_on_pubrel() {
+    let mut state = manual(V5);
+    let mut out = BytesMut::new();
+    handle(&mut state, &mut out, incoming(9, QoS::ExactlyOnce, "two"));
+    assert!(out.is_empty());
+    let (_, token) = next_message_with_ack(&mut state);
+
+    // A resend on the same connection while the application holds it: not delivered twice.
+    let Packet::Publish(mut again) = incoming(9, QoS::ExactlyOnce, "two") else {
+        unreachable!()
+    };
+    again.dup = true;
+    handle(&mut state, &mut out, Packet::Publish(again.clone()));
+    assert!(out.is_empty());
+    assert!(state.next_event_with_ack().is_none());
+
+    ack(&mut state, &mut out, &[token.unwrap()]);
+    assert_eq!(
+        written(&mut out, V5),
+        [Packet::PubRec(PubResponse::success(9))]
+    );
+    // After PUBREC a resend is answered (the broker may have missed it), not delivered.
+    handle(&mut state, &mut out, Packet::Publish(again));
+    assert_eq!(
+        written(&mut out, V5),
+        [Packet::PubRec(PubResponse::success(9))]
+    );
+    assert!(state.next_event_with_ack().is_none());
+    handle(
+        &mut state,
+        &mut out,
+        Packet::PubRel(PubResponse::success(9)),
+    );
+    assert_eq!(
+        written(&mut out, V5),
+        [Packet::PubComp(PubResponse::success(9))]
+    );
+}
+
+#[test]
+fn tokens_of_an_earlier_connection_are_stale() {
+    let mut state = manual(V5);
+    let mut out = BytesMut::new();
+    handle(&mut state, &mut out, incoming(3, QoS::AtLeastOnce, "a"));
+    let (_, old) = next_message_with_ack(&mut state);
+    let old = old.unwrap();
+
+    state.connection_lost();
+    // Offline: nothing to send it on, and nothing is kept for later.
+    ack(&mut state, &mut out, &[old]);
+    assert!(out.is_empty());
+
+    state.connected(&connack(true, Properties::default()), &mut out);
+    assert!(matches!(state.next_event(), Some(Event::Connected { .. })));
+    // The broker redelivers the same message with the same id: a new token.
+    let Packet::Publish(mut again) = incoming(3, QoS::AtLeastOnce, "a") else {
+        unreachable!()
+    };
+    again.dup = true;
+    handle(&mut state, &mut out, Packet::Publish(again));
+    let (redelivered, new) = next_message_with_ack(&mut state);
+    assert!(redelivered.dup);
+    let new = new.unwrap();
+    assert_ne!(new, old);
+
+    // The stale token acknowledges nothing, even though the packet id matches.
+    ack(&mut state, &mut out, &[old]);
+    assert!(out.is_empty());
+    ack(&mut state, &mut out, &[new]);
+    assert_eq!(
+        written(&mut out, V5),
+        [Packet::PubAck(PubResponse::success(3))]
     );
 }

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use polyhub_broker::{Broker, BrokerConfig};
-use polyhub_client::{ClientOptions, Event, Events, ProtocolVersion, Publish};
+use polyhub_client::{AckToken, ClientOptions, Event, Events, ProtocolVersion, Publish};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -423,6 +423,22 @@ pub async fn no_message(events: &mut Events) {
             Ok(Some(Event::Message(message))) => panic!("unexpected message {message:?}"),
             Ok(Some(_)) => {}
             Ok(None) => return,
+        }
+    }
+}
+
+/// The next message with its acknowledgement token (manual acknowledgements), skipping
+/// connection events.
+pub async fn next_message_with_ack(events: &mut Events) -> (Publish, Option<AckToken>) {
+    loop {
+        let (event, token) = tokio::time::timeout(WAIT, events.recv_with_ack())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("the client stopped");
+        match event {
+            Event::Message(message) => return (message, token),
+            Event::Connected { .. } | Event::ConnectFailed { .. } | Event::Disconnected { .. } => {}
+            other => panic!("expected a message, got {other:?}"),
         }
     }
 }

@@ -342,3 +342,149 @@ pub async fn persistent_session(broker: &mut impl TestBroker, version: ProtocolV
         assert_eq!(message.qos, QoS::AtLeastOnce);
     }
 }
+
+/// Manual acknowledgements: messages the application did not acknowledge come again after a
+/// reconnect (with DUP), acknowledged ones do not, and tokens of an earlier connection
+/// acknowledge nothing.
+pub async fn manual_acks(broker: &mut impl TestBroker, version: ProtocolVersion) {
+    let durable = broker
+        .options("acker", version)
+        .clean_start(false)
+        .session_expiry_interval(300)
+        .manual_acks(true);
+    let (client, mut events) = Client::connect(durable.clone()).await.expect("connect");
+    connected(&mut events).await;
+    client
+        .subscribe("manual/#", QoS::ExactlyOnce)
+        .await
+        .expect("subscribe");
+    let (publisher, _publisher_events) = Client::connect(broker.options("manual-feeder", version))
+        .await
+        .expect("connect publisher");
+    for (n, qos) in [
+        QoS::AtLeastOnce,
+        QoS::AtLeastOnce,
+        QoS::ExactlyOnce,
+        QoS::ExactlyOnce,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        publisher
+            .publish(format!("manual/{n}"), qos, false, n.to_string())
+            .await
+            .expect("publish");
+    }
+
+    let mut tokens = Vec::new();
+    for n in 0..4 {
+        let (message, token) = super::next_message_with_ack(&mut events).await;
+        assert_eq!(message.topic, format!("manual/{n}"));
+        let token = token.expect("QoS 1/2 messages come with a token");
+        assert_eq!(token.qos(), message.qos);
+        tokens.push(token);
+    }
+    // Acknowledge one of each QoS; the SUBSCRIBE after them is a round trip behind them.
+    client.ack_all([tokens[0], tokens[2]]).await.expect("ack");
+    client
+        .subscribe("sync/1", QoS::AtMostOnce)
+        .await
+        .expect("sync");
+
+    // Another connection takes the session over; the client comes back and takes it again.
+    let intruder = durable.clone().reconnect(false);
+    let (_intruder, _intruder_events) = Client::connect(intruder).await.expect("intruder");
+    let mut redelivered = Vec::new();
+    while redelivered.len() < 2 {
+        let (message, token) = super::next_message_with_ack(&mut events).await;
+        assert!(message.dup, "a redelivery is marked DUP: {message:?}");
+        redelivered.push((message.topic, token.expect("token")));
+    }
+    redelivered.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        redelivered
+            .iter()
+            .map(|(topic, _)| topic.as_str())
+            .collect::<Vec<_>>(),
+        ["manual/1", "manual/3"]
+    );
+    // The first connection's tokens are stale: acknowledging them does nothing, and fails not.
+    client
+        .ack_all([tokens[1], tokens[3]])
+        .await
+        .expect("stale ack is fine");
+    client
+        .subscribe("sync/2", QoS::AtMostOnce)
+        .await
+        .expect("sync");
+    no_message(&mut events).await;
+    client.disconnect().await.expect("disconnect");
+
+    // Not acknowledged yet: delivered again.
+    let (client, mut events) = Client::connect(durable.clone()).await.expect("reconnect");
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        let (message, token) = super::next_message_with_ack(&mut events).await;
+        assert!(message.dup);
+        again.push((message.topic, token.expect("token")));
+    }
+    again.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(again[0].0, "manual/1");
+    assert_eq!(again[1].0, "manual/3");
+    client
+        .ack_all(again.iter().map(|(_, token)| *token))
+        .await
+        .expect("ack");
+    client
+        .subscribe("sync/3", QoS::AtMostOnce)
+        .await
+        .expect("sync");
+    // Let the QoS 2 flow (PUBREL → PUBCOMP) finish before leaving.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.disconnect().await.expect("disconnect");
+
+    // Everything acknowledged: nothing comes back.
+    let (_client, mut events) = Client::connect(durable).await.expect("reconnect");
+    connected(&mut events).await;
+    no_message(&mut events).await;
+}
+
+/// With manual acknowledgements, unacknowledged messages fill the broker's inflight window
+/// (our receive maximum): the next one comes only after an acknowledgement. With
+/// `one_per_ack`, check that one acknowledgement lets exactly one more through (Mosquitto
+/// 2.0 sends more than its quota allows after a PUBACK, so it is not held to that).
+pub async fn manual_acks_hold_the_receive_window(broker: &mut impl TestBroker, one_per_ack: bool) {
+    let version = ProtocolVersion::V5;
+    let options = broker
+        .options("windowed", version)
+        .manual_acks(true)
+        .receive_maximum(2);
+    let (client, mut events) = Client::connect(options).await.expect("connect");
+    connected(&mut events).await;
+    client
+        .subscribe("window/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let (publisher, _publisher_events) = Client::connect(broker.options("window-feeder", version))
+        .await
+        .expect("connect publisher");
+    for n in 0..4 {
+        publisher
+            .publish(format!("window/{n}"), QoS::AtLeastOnce, false, "x")
+            .await
+            .expect("publish");
+    }
+    let (first, first_token) = super::next_message_with_ack(&mut events).await;
+    let (second, _) = super::next_message_with_ack(&mut events).await;
+    assert_eq!(
+        (first.topic.as_str(), second.topic.as_str()),
+        ("window/0", "window/1")
+    );
+    no_message(&mut events).await;
+    client.ack(first_token.expect("token")).await.expect("ack");
+    let (third, _) = super::next_message_with_ack(&mut events).await;
+    assert_eq!(third.topic, "window/2");
+    if one_per_ack {
+        no_message(&mut events).await;
+    }
+}

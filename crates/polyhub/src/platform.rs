@@ -1,0 +1,244 @@
+//! The IoT platform on top of the broker: storage, the hub manager with its parsers, and the
+//! REST API. This is where their concrete types meet: [`SqliteStore`] behind `dyn Store`, the
+//! embedded broker behind the hub's bus traits, the hub manager behind the API's
+//! [`HubRuntime`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use async_trait::async_trait;
+use polyhub_api::{ApiState, HubRuntime, RuntimeError};
+use polyhub_broker::Broker;
+use polyhub_hub::bus::PresenceEvent;
+use polyhub_hub::{HubError, HubManager, ManagerDeps, ProcessParserCommand};
+use polyhub_store::{Device, ParserStatus, SqliteStore, Store};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Failure;
+use crate::bus::LocalBus;
+use crate::config::Config;
+
+/// The running platform: what shutdown waits for.
+pub(crate) struct Platform {
+    manager_task: JoinHandle<()>,
+    api_task: JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").finish_non_exhaustive()
+    }
+}
+
+/// Opens the store (running migrations) before anything listens, so a database that cannot
+/// be used stops the start like any other configuration error.
+pub(crate) fn open_store(config: &Config) -> Result<Arc<dyn Store>, Failure> {
+    let store = SqliteStore::open(&config.data_dir, &config.storage.sqlite)
+        .map_err(|error| Failure::Runtime(anyhow!("storage: {error}")))?;
+    Ok(Arc::new(store))
+}
+
+/// What `polyhub parser` children need to find the parent again.
+pub(crate) struct ChildSettings<'a> {
+    pub(crate) mqtt_address: SocketAddr,
+    pub(crate) config_file: Option<&'a Path>,
+}
+
+/// Starts the hub manager (and with it the parsers of running hubs) and the REST API on
+/// `http`. Both stop when `shutdown` is cancelled; [`Platform::finish`] waits for them.
+pub(crate) async fn start(
+    config: &Config,
+    broker: &Broker,
+    store: Arc<dyn Store>,
+    http: TcpListener,
+    child: ChildSettings<'_>,
+    shutdown: CancellationToken,
+) -> Result<Platform, Failure> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+        .map_err(Failure::Runtime)?;
+
+    let deps = ManagerDeps {
+        store: store.clone(),
+        bus: Arc::new(LocalBus::new(broker.clone())),
+        presence: Some(forward_presence(broker, shutdown.clone())),
+        process_parser: Some(process_parser_command(config, &child)?),
+    };
+    let (manager, manager_task) = HubManager::start(config.hub.clone(), deps, shutdown.clone())
+        .await
+        .map_err(|error| Failure::Runtime(anyhow!("hub manager: {error}")))?;
+
+    let router = polyhub_api::router_with_config(
+        ApiState {
+            store,
+            runtime: Arc::new(ManagerRuntime(manager)),
+            metrics: Some(metrics),
+        },
+        &config.http,
+    );
+    let address = http
+        .local_addr()
+        .context("cannot read the HTTP listener's address")
+        .map_err(Failure::Runtime)?;
+    info!("HTTP listening on {address}");
+    let api_task = tokio::spawn(polyhub_api::serve(http, router, shutdown));
+    Ok(Platform {
+        manager_task,
+        api_task,
+    })
+}
+
+impl Platform {
+    /// Waits for the API and the manager (which commits and acknowledges what its parsers
+    /// received) to stop after the shutdown token was cancelled.
+    pub(crate) async fn finish(self) {
+        match self.api_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!("HTTP server stopped with an error: {error}"),
+            Err(error) => warn!("HTTP server task ended abnormally: {error}"),
+        }
+        if let Err(error) = self.manager_task.await {
+            warn!("hub manager task ended abnormally: {error}");
+        }
+    }
+}
+
+/// The broker's connect/disconnect events as the hub's presence events. Clients already
+/// connected when this starts are reported online first.
+fn forward_presence(broker: &Broker, shutdown: CancellationToken) -> mpsc::Receiver<PresenceEvent> {
+    let (sender, receiver) = mpsc::channel(1024);
+    let mut events = broker.presence_events();
+    let connected = broker.connected_clients();
+    tokio::spawn(async move {
+        let now = polyhub_store::now_millis();
+        for client_id in connected {
+            let event = PresenceEvent {
+                client_id,
+                online: true,
+                at: now,
+            };
+            if sender.send(event).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = events.recv() => event,
+            };
+            match event {
+                Ok(event) => {
+                    let at = event
+                        .at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |since| {
+                            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+                        });
+                    let event = PresenceEvent {
+                        client_id: event.client_id,
+                        online: event.online,
+                        at,
+                    };
+                    if sender.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    warn!("presence: {missed} connection events were missed under load");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    receiver
+}
+
+/// `polyhub parser ... --hub ID` as the manager spawns it: this very executable, pointed at
+/// the parent's MQTT listener, data directory and configuration file.
+fn process_parser_command(
+    config: &Config,
+    child: &ChildSettings<'_>,
+) -> Result<ProcessParserCommand, Failure> {
+    let program = std::env::current_exe()
+        .context("cannot locate the polyhub executable for process-isolated parsers")
+        .map_err(Failure::Runtime)?;
+    let data_dir = absolute(&config.data_dir)?;
+    let mut args = vec![
+        "parser".to_owned(),
+        "--mqtt-connect".to_owned(),
+        child.mqtt_address.to_string(),
+        "--data-dir".to_owned(),
+        data_dir.display().to_string(),
+        "--log".to_owned(),
+        config.log.level.clone(),
+    ];
+    if let Some(file) = child.config_file {
+        args.push("--config".to_owned());
+        args.push(absolute(file)?.display().to_string());
+    }
+    Ok(ProcessParserCommand { program, args })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(path)
+        .with_context(|| format!("cannot resolve {}", path.display()))
+        .map_err(Failure::Runtime)
+}
+
+/// The hub manager as the API sees it.
+#[derive(Debug)]
+struct ManagerRuntime(HubManager);
+
+fn runtime_error(error: HubError) -> RuntimeError {
+    match error {
+        HubError::NotFound(message) => RuntimeError::NotFound(message),
+        HubError::Conflict(message) => RuntimeError::Conflict(message),
+        HubError::Invalid(message) => RuntimeError::Invalid(message),
+        other => RuntimeError::Failed(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl HubRuntime for ManagerRuntime {
+    async fn start_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError> {
+        self.0.start_hub(hub_id).await.map_err(runtime_error)
+    }
+
+    async fn stop_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError> {
+        self.0.stop_hub(hub_id).await.map_err(runtime_error)
+    }
+
+    async fn restart_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError> {
+        self.0.restart_hub(hub_id).await.map_err(runtime_error)
+    }
+
+    async fn device_added(&self, device: &Device) -> Result<(), RuntimeError> {
+        self.0.device_added(device).await.map_err(runtime_error)
+    }
+
+    async fn device_removed(&self, hub_id: &str, device_id: &str) -> Result<(), RuntimeError> {
+        self.0
+            .device_removed(hub_id, device_id)
+            .await
+            .map_err(runtime_error)
+    }
+
+    fn parser_status(&self, hub_id: &str) -> Option<ParserStatus> {
+        self.0.status(hub_id)
+    }
+
+    fn parsers(&self) -> Vec<ParserStatus> {
+        self.0.statuses()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.0.is_ready()
+    }
+}
