@@ -405,3 +405,107 @@ def mosquitto_pub(port: int, topic: str, payload: str, qos: int = 1, client_id: 
         args += ["-i", client_id]
     result = subprocess.run(args, capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 0, f"mosquitto_pub failed: {result.stderr}"
+
+
+# ----- issue 5: restarts and command devices -----------------------------------------------------
+
+
+def restart(server: Polyhub) -> Polyhub:
+    """Stops `server` gracefully (SIGTERM, exit status 0 required) and starts it again on the
+    same data directory and configuration; the ports change, so read them again afterwards.
+    The log of the earlier run stays in `polyhub.log`; `log_text()` covers the new run only."""
+    server.stop()
+    with server._lock:
+        # The earlier run's "listening" lines must not be taken for the new run's.
+        server._lines = []
+    return server.start()
+
+
+class CommandDevice:
+    """A hub-style device played by paho-mqtt 1.x: client id == device id, it subscribes its
+    command topic at QoS 1 in `on_connect` (as a device does, CONNACK first), and records each
+    command it receives, decoded, in arrival order (`commands`).
+
+    `clean=False` keeps the MQTT session (and so the subscription) across connections.
+    """
+
+    def __init__(self, port: int, hub_id: str, device_id: str, clean: bool = True,
+                 command_topic: Optional[str] = None, reply_topic: Optional[str] = None):
+        self.device_id = device_id
+        self.command_topic = command_topic or f"/{hub_id}/{device_id}/cmd"
+        self.reply_topic = reply_topic or f"/{hub_id}/{device_id}/cmd_reply"
+        self.commands: list[dict] = []
+        self.raw: list[mqtt.MQTTMessage] = []
+        self._lock = threading.Condition()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(client_id=device_id, protocol=mqtt.MQTTv311, clean_session=clean)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_args: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(HOST, port, keepalive=30)
+        self.client.loop_start()
+        if not self._subscribed.wait(WAIT):
+            self.close()
+            raise AssertionError(f"device {device_id} did not connect and subscribe {self.command_topic}")
+
+    def _on_connect(self, client, _userdata, _flags, rc, _properties=None):
+        if rc == 0:
+            client.subscribe(self.command_topic, 1)
+
+    def _on_message(self, _client, _userdata, message):
+        with self._lock:
+            self.raw.append(message)
+            try:
+                self.commands.append(json.loads(message.payload))
+            except ValueError:
+                self.commands.append({"undecodable": message.payload.decode("utf-8", "replace")})
+            self._lock.notify_all()
+
+    def wait_commands(self, count: int, timeout: float = WAIT) -> list[dict]:
+        """The first `count` commands received, once that many arrived."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.commands) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, (
+                    f"device {self.device_id} received {len(self.commands)} commands, "
+                    f"not {count}: {self.commands}"
+                )
+                self._lock.wait(timeout=min(remaining, 0.2))
+            return list(self.commands[:count])
+
+    def received(self) -> list[dict]:
+        with self._lock:
+            return list(self.commands)
+
+    def reply(self, command_id: str, status: str = "ok", result: Any = None,
+              reason: Optional[str] = None) -> None:
+        """Answers a command by the hub channel's reply convention (QoS 1, acknowledged)."""
+        body: dict = {"id": command_id, "status": status}
+        if result is not None:
+            body["result"] = result
+        if reason is not None:
+            body["reason"] = reason
+        info = self.client.publish(self.reply_topic, json.dumps(body), qos=1)
+        info.wait_for_publish(timeout=WAIT)
+        assert info.is_published(), f"reply to {command_id} was not acknowledged"
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def command_in_state(api: Api, command_id: str, *states: str, timeout: float = WAIT) -> dict:
+    """Polls `GET /commands/{id}` until the command is in one of `states`; returns it."""
+    last: dict = {}
+
+    def reached():
+        last.update(api.get(f"/commands/{command_id}"))
+        return dict(last) if last["state"] in states else None
+
+    try:
+        return wait_until(reached, f"command {command_id} in {states}", timeout=timeout)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; last seen: {last}") from None

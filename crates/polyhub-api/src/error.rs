@@ -20,7 +20,8 @@ pub enum ApiError {
     /// (400 `invalid_request`).
     #[error("{0}")]
     InvalidRequest(String),
-    /// The request body is larger than `[http] max_body_bytes` (413 `invalid_request`).
+    /// The request body is larger than `[http] max_body_bytes`, or a part of it is larger than
+    /// its own limit (a command payload) (413 `invalid_request`).
     #[error("{0}")]
     PayloadTooLarge(String),
     /// The request body is not declared as JSON (415 `invalid_request`).
@@ -152,6 +153,7 @@ impl From<RuntimeError> for ApiError {
             RuntimeError::NotFound(message) => ApiError::NotFound(message),
             RuntimeError::Conflict(message) => ApiError::Conflict(message),
             RuntimeError::Invalid(message) => ApiError::InvalidRequest(message),
+            RuntimeError::PayloadTooLarge(message) => ApiError::PayloadTooLarge(message),
             RuntimeError::Failed(message) => ApiError::Internal(message),
         }
     }
@@ -202,6 +204,7 @@ mod tests {
             (RuntimeError::NotFound("x".into()), 404),
             (RuntimeError::Conflict("x".into()), 409),
             (RuntimeError::Invalid("x".into()), 400),
+            (RuntimeError::PayloadTooLarge("x".into()), 413),
             (RuntimeError::Failed("x".into()), 500),
         ];
         for (runtime_error, status) in cases {

@@ -1,5 +1,6 @@
-//! polyhub's REST API: an axum [`Router`](axum::Router) over a [`Store`](polyhub_store::Store)
-//! and the hub manager (seen through [`HubRuntime`]).
+//! polyhub's REST API: an axum [`Router`](axum::Router) over a [`Store`](polyhub_store::Store),
+//! the hub manager (seen through [`HubRuntime`]) and the command service (seen through
+//! [`CommandRuntime`]).
 //!
 //! - Routes, JSON shapes and error codes follow the issue 4 contract; the OpenAPI 3.1 document
 //!   generated from the handlers is served at `/openapi.json` (and [`openapi()`]).
@@ -12,6 +13,8 @@
 //! its parser; deleting a hub stops its parser first; changing a running hub's settings restarts
 //! its parser; a created device is announced to its hub's parser (if that fails the device stays
 //! created and the answer is an error explaining so); a deleted device is unsubscribed first.
+//! Commands are created and cancelled through the command service, which stores them first;
+//! reading and listing them goes to the store.
 
 pub mod config;
 pub mod error;
@@ -24,11 +27,12 @@ pub mod time;
 
 pub use config::ApiConfig;
 pub use error::{ApiError, ErrorBody, ErrorCode, ErrorDetail};
+pub use handlers::commands::{MAX_WAIT_MS, SubmitCommand};
 pub use handlers::system::StatusBody;
 pub use handlers::telemetry::{
     DEFAULT_DOWNSAMPLE_INTERVAL_MS, DEFAULT_DOWNSAMPLE_WINDOW_MS, DEFAULT_RANGE_LIMIT, MAX_BUCKETS,
 };
 pub use handlers::{DEFAULT_LIST_LIMIT, Items, Page};
 pub use router::{HTTP_REQUESTS_METRIC, openapi, router, router_with_config, serve};
-pub use runtime::{HubRuntime, RuntimeError};
+pub use runtime::{CommandRequest, CommandRuntime, HubRuntime, RuntimeError};
 pub use state::ApiState;

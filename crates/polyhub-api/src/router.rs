@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 
 use crate::config::ApiConfig;
 use crate::error::{ApiError, ErrorBody};
-use crate::handlers::{dead_letters, devices, groups, hubs, parsers, system, telemetry};
+use crate::handlers::{commands, dead_letters, devices, groups, hubs, parsers, system, telemetry};
 use crate::state::ApiState;
 
 /// Name of the request counter (labels `method` and `status`).
@@ -26,7 +26,7 @@ pub const HTTP_REQUESTS_METRIC: &str = "polyhub_http_requests_total";
     info(
         title = "polyhub",
         description = "polyhub's REST API: registry (groups, hubs, devices), hub parsers, \
-                       telemetry, dead letters, health and metrics."
+                       commands to devices, telemetry, dead letters, health and metrics."
     ),
     components(schemas(ErrorBody)),
     tags(
@@ -34,6 +34,7 @@ pub const HTTP_REQUESTS_METRIC: &str = "polyhub_http_requests_total";
         (name = "groups", description = "Customers; they own hubs"),
         (name = "hubs", description = "Hubs and their parsers; they own devices"),
         (name = "devices", description = "Devices and their presence"),
+        (name = "commands", description = "Commands to devices, tracked until the device answers"),
         (name = "telemetry", description = "Stored device telemetry"),
         (name = "dead_letters", description = "Messages that could not be ingested"),
     )
@@ -74,6 +75,9 @@ fn documented_routes() -> OpenApiRouter<ApiState> {
             devices::delete_device
         ))
         .routes(routes!(devices::device_presence))
+        .routes(routes!(commands::submit_command, commands::list_commands))
+        .routes(routes!(commands::get_command))
+        .routes(routes!(commands::cancel_command))
         .routes(routes!(telemetry::latest))
         .routes(routes!(telemetry::range))
         .routes(routes!(telemetry::downsample))

@@ -1,8 +1,11 @@
-//! The contract between the API and the hub manager. The binary implements [`HubRuntime`] over
-//! its manager, so this crate never names the hub runtime.
+//! The contracts between the API and the runtime services it drives: the hub manager
+//! ([`HubRuntime`]) and the command service ([`CommandRuntime`]). The binary implements both
+//! over the real services, so this crate never names them.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
-use polyhub_store::{Device, ParserStatus};
+use polyhub_store::{Command, Device, ParserStatus};
 
 /// Why the hub runtime refused or failed an operation.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,10 @@ pub enum RuntimeError {
     /// The request cannot be carried out as given (the caller's mistake).
     #[error("{0}")]
     Invalid(String),
+    /// The request's content is larger than allowed (e.g. a command payload above
+    /// [`MAX_COMMAND_PAYLOAD`](polyhub_store::MAX_COMMAND_PAYLOAD)).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// The parser or its storage failed.
     #[error("{0}")]
     Failed(String),
@@ -42,4 +49,42 @@ pub trait HubRuntime: Send + Sync + std::fmt::Debug + 'static {
     fn parsers(&self) -> Vec<ParserStatus>;
     /// Whether the manager finished starting (for `/ready`).
     fn is_ready(&self) -> bool;
+}
+
+/// A command as the API hands it to the command service: the validated body of
+/// `POST /devices/{id}/commands`, without the API-only `wait_ms`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRequest {
+    /// What to do (for sgframework resources: the command signal name).
+    pub name: String,
+    /// Arguments: any JSON value (`null` when the request gave none).
+    pub payload: serde_json::Value,
+    /// Time to live in milliseconds: unacknowledged after this long, the command expires.
+    /// `None`: it never expires.
+    pub ttl_ms: Option<u64>,
+}
+
+/// What the API needs from the command service (the Polyglot lifecycle engine). Reading and
+/// listing commands goes straight to the [`Store`](polyhub_store::Store); everything that
+/// changes a command goes through here, so the service sees every transition.
+#[async_trait]
+pub trait CommandRuntime: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores the command (state `queued`) and schedules its dispatch; returns it as stored.
+    ///
+    /// Errors: `NotFound` (no such device), `Invalid` (bad name, or no polyglot client for the
+    /// device's protocol), `PayloadTooLarge`, `Failed`.
+    async fn submit(
+        &self,
+        device_id: &str,
+        request: CommandRequest,
+    ) -> Result<Command, RuntimeError>;
+    /// Resolves when the command is acknowledged or reaches a final state, or when `timeout`
+    /// passes, whichever comes first; returns the command as it is then.
+    ///
+    /// Errors: `NotFound` (no such command), `Failed`.
+    async fn wait(&self, id: &str, timeout: Duration) -> Result<Command, RuntimeError>;
+    /// Cancels a command that is queued, sent or delivered; returns it cancelled.
+    ///
+    /// Errors: `NotFound`, `Conflict` (already in a final state), `Failed`.
+    async fn cancel(&self, id: &str) -> Result<Command, RuntimeError>;
 }

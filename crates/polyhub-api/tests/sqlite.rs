@@ -14,7 +14,7 @@ use polyhub_store::{
     Value,
 };
 use serde_json::{Value as Json, json};
-use support::{FakeRuntime, Reply, send};
+use support::{FakeCommands, FakeRuntime, Reply, send};
 
 const T0: i64 = 1_795_255_200_000;
 
@@ -22,6 +22,7 @@ struct SqliteHarness {
     router: Router,
     store: Arc<SqliteStore>,
     runtime: Arc<FakeRuntime>,
+    commands: Arc<FakeCommands>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,15 +31,18 @@ impl SqliteHarness {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap());
         let runtime = Arc::new(FakeRuntime::default());
+        let commands = Arc::new(FakeCommands::new(store.clone() as Arc<dyn Store>));
         let state = ApiState {
             store: store.clone() as Arc<dyn Store>,
             runtime: runtime.clone(),
+            commands: Some(commands.clone()),
             metrics: None,
         };
         SqliteHarness {
             router: router(state),
             store,
             runtime,
+            commands,
             _dir: dir,
         }
     }
@@ -254,4 +258,92 @@ async fn telemetry_and_dead_letters_over_sqlite() {
     h.get("/devices/d1/telemetry?after=garbage")
         .await
         .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+}
+
+#[tokio::test]
+async fn commands_over_sqlite() {
+    let h = SqliteHarness::new();
+    h.post("/groups", json!({"id": "g"})).await;
+    h.post("/hubs", json!({"id": "h", "group_id": "g"})).await;
+    for id in ["d1", "d2"] {
+        let reply = h.post("/devices", json!({"id": id, "hub_id": "h"})).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    }
+
+    let mut created = Vec::new();
+    for n in 0..3 {
+        let reply = h
+            .post(
+                "/devices/d1/commands",
+                json!({"name": format!("c{n}"), "payload": {"n": n}, "ttl_ms": 60000}),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+        assert_eq!(reply.json["state"], "queued");
+        assert_eq!(reply.json["seq"], n + 1);
+        created.push(reply.json["id"].as_str().unwrap().to_owned());
+    }
+    h.post("/devices/d2/commands", json!({"name": "other"}))
+        .await;
+
+    let read = h.get(&format!("/commands/{}", created[0])).await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text);
+    assert_eq!(read.json["payload"], json!({"n": 0}));
+    let created_at = read.json["created_at"].as_i64().unwrap();
+    assert_eq!(read.json["expires_at"].as_i64(), Some(created_at + 60_000));
+    h.get("/commands/cmd-unknown")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    let newest_first: Vec<String> = created.iter().rev().cloned().collect();
+    assert_eq!(ids(&h.get("/devices/d1/commands").await), newest_first);
+    assert_eq!(ids(&h.get("/devices/d1/commands?order=asc").await), created);
+    let first_page = h.get("/devices/d1/commands?limit=2").await;
+    assert_eq!(ids(&first_page), newest_first[..2]);
+    let next = first_page.json["next"].as_str().unwrap().to_owned();
+    let second_page = h
+        .get(&format!("/devices/d1/commands?limit=2&after={next}"))
+        .await;
+    assert_eq!(ids(&second_page), newest_first[2..]);
+    assert_eq!(second_page.json["next"], Json::Null);
+
+    let cancel = format!("/commands/{}/cancel", created[1]);
+    let reply = h.call(Method::POST, &cancel, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json["state"], "cancelled");
+    h.call(Method::POST, &cancel, None)
+        .await
+        .assert_error(StatusCode::CONFLICT, "conflict");
+    assert_eq!(
+        ids(&h.get("/devices/d1/commands?state=cancelled").await),
+        vec![created[1].clone()]
+    );
+    assert_eq!(
+        ids(&h.get("/devices/d1/commands?state=queued&order=asc").await),
+        vec![created[0].clone(), created[2].clone()]
+    );
+    h.get("/devices/nope/commands")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // Waiting sees the acknowledgement written to the database.
+    h.commands.settle_after(
+        std::time::Duration::from_millis(50),
+        polyhub_store::CommandState::Acknowledged,
+    );
+    let reply = h
+        .post(
+            "/devices/d2/commands",
+            json!({"name": "ping", "wait_ms": 5000}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    assert_eq!(reply.json["state"], "acknowledged");
+    assert_eq!(reply.json["reply"], json!({"ok": true}));
+    let stored = h
+        .store
+        .get_command(reply.json["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored.state, polyhub_store::CommandState::Acknowledged);
 }

@@ -41,6 +41,10 @@ const CONTRACT_ROUTES: &[(&str, &str)] = &[
     ("patch", "/devices/{id}"),
     ("delete", "/devices/{id}"),
     ("get", "/devices/{id}/presence"),
+    ("post", "/devices/{id}/commands"),
+    ("get", "/devices/{id}/commands"),
+    ("get", "/commands/{id}"),
+    ("post", "/commands/{id}/cancel"),
     ("get", "/devices/{id}/telemetry/latest"),
     ("get", "/devices/{id}/telemetry"),
     ("get", "/devices/{id}/telemetry/downsample"),
@@ -97,6 +101,7 @@ async fn metrics_renders_the_handle() {
     let state = ApiState {
         store: Arc::new(FakeStore::default()) as Arc<dyn Store>,
         runtime: Arc::new(FakeRuntime::default()),
+        commands: None,
         metrics: Some(handle),
     };
     let app = router_with_config(state, &ApiConfig::default());
@@ -136,6 +141,7 @@ async fn body_limit_is_configurable() {
     let state = ApiState {
         store: Arc::new(FakeStore::default()) as Arc<dyn Store>,
         runtime: Arc::new(FakeRuntime::default()),
+        commands: None,
         metrics: None,
     };
     let config = ApiConfig {
@@ -198,6 +204,9 @@ async fn openapi_document_lists_exactly_the_contract_routes() {
         "DeadLetter",
         "Presence",
         "TelemetryRow",
+        "Command",
+        "CommandState",
+        "SubmitCommand",
         "ErrorBody",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");

@@ -20,6 +20,9 @@ pub struct ChannelTemplates {
     pub data: String,
     /// Where a device receives commands. Needs `{device}`.
     pub command: String,
+    /// Where a device answers commands (`{"id", "status", "result"?, "reason"?}` JSON); also
+    /// the MQTT 5 response topic of each command. Needs `{device}`.
+    pub command_reply: String,
     /// Where a hub's devices are added and removed at runtime. Needs `{hub}`.
     pub register: String,
     /// Where answers to `register` requests go. May use `{hub}`.
@@ -35,6 +38,7 @@ impl Default for ChannelTemplates {
         ChannelTemplates {
             data: "/{hub}/{device}/data".to_owned(),
             command: "/{hub}/{device}/cmd".to_owned(),
+            command_reply: "/{hub}/{device}/cmd_reply".to_owned(),
             register: "/{hub}/register_cmd".to_owned(),
             register_reply: "/{hub}/register_reply".to_owned(),
             manager: "/hub_manager/cmd".to_owned(),
@@ -130,7 +134,8 @@ fn match_template<'t>(
     }
 }
 
-/// A data topic parsed back: the device and, if the template names it, the hub.
+/// A data (or command reply) topic parsed back: the device and, if the template names it, the
+/// hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataTopic<'t> {
     pub hub: Option<&'t str>,
@@ -165,6 +170,16 @@ impl ChannelTemplates {
                 &self.command,
                 Rule {
                     name: "command",
+                    needs_hub: false,
+                    needs_device: true,
+                    allows_hub: true,
+                    allows_device: true,
+                },
+            ),
+            (
+                &self.command_reply,
+                Rule {
+                    name: "command_reply",
                     needs_hub: false,
                     needs_device: true,
                     allows_hub: true,
@@ -215,6 +230,13 @@ impl ChannelTemplates {
         for (template, rule) in &rules {
             validate_template(template, rule)?;
         }
+        // Replies on the command or data channel would be read back as our own commands or
+        // as telemetry.
+        if self.command_reply == self.command || self.command_reply == self.data {
+            return Err(HubError::Config(
+                "[hub.channels] command_reply must differ from command and data".into(),
+            ));
+        }
         if self.register == self.manager {
             return Err(HubError::Config(
                 "[hub.channels] register and manager must differ".into(),
@@ -231,6 +253,25 @@ impl ChannelTemplates {
     /// The topic a device receives commands on.
     pub fn command_topic(&self, hub: &str, device: &str) -> String {
         render(&self.command, hub, device)
+    }
+
+    /// The topic a device answers commands on (and the response topic of its commands).
+    pub fn command_reply_topic(&self, hub: &str, device: &str) -> String {
+        render(&self.command_reply, hub, device)
+    }
+
+    /// The filter matching every device's reply channel (`/+/+/cmd_reply` by default).
+    pub fn command_reply_filter(&self) -> String {
+        render(&self.command_reply, "+", "+")
+    }
+
+    /// The device (and hub) whose reply channel `topic` is, if it is one.
+    pub fn parse_command_reply_topic<'t>(&self, topic: &'t str) -> Option<DataTopic<'t>> {
+        let (hub, device) = match_template(&self.command_reply, topic)?;
+        Some(DataTopic {
+            hub,
+            device: device?,
+        })
     }
 
     /// A hub's register channel.
@@ -310,6 +351,11 @@ mod tests {
         templates.validate().unwrap();
         assert_eq!(templates.data_topic("h1", "d1"), "/h1/d1/data");
         assert_eq!(templates.command_topic("h1", "d1"), "/h1/d1/cmd");
+        assert_eq!(
+            templates.command_reply_topic("h1", "d1"),
+            "/h1/d1/cmd_reply"
+        );
+        assert_eq!(templates.command_reply_filter(), "/+/+/cmd_reply");
         assert_eq!(templates.register_topic("h1"), "/h1/register_cmd");
         assert_eq!(templates.register_reply_topic("h1"), "/h1/register_reply");
         assert_eq!(templates.register_filter(), "/+/register_cmd");
@@ -322,6 +368,40 @@ mod tests {
             with(|t| t.command = "/{hub}/cmd".into())
                 .validate()
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn command_reply_needs_device_and_its_own_channel() {
+        assert!(
+            with(|t| t.command_reply = "/{hub}/cmd_reply".into())
+                .validate()
+                .is_err()
+        );
+        assert!(
+            with(|t| t.command_reply = "/{hub}/+/cmd_reply".into())
+                .validate()
+                .is_err()
+        );
+        assert!(
+            with(|t| t.command_reply = "/{hub}/{device}/cmd".into())
+                .validate()
+                .is_err()
+        );
+        assert!(
+            with(|t| t.command_reply = "/{hub}/{device}/data".into())
+                .validate()
+                .is_err()
+        );
+        let templates = with(|t| t.command_reply = "replies/{device}".into());
+        templates.validate().unwrap();
+        assert_eq!(templates.command_reply_filter(), "replies/+");
+        assert_eq!(
+            templates.parse_command_reply_topic("replies/d9"),
+            Some(DataTopic {
+                hub: None,
+                device: "d9"
+            })
         );
     }
 
@@ -390,6 +470,15 @@ mod tests {
             Some("h1")
         );
         assert_eq!(templates.parse_register_topic("/h1/d1/data"), None);
+        assert_eq!(templates.parse_command_reply_topic("/h1/d1/cmd"), None);
+        assert_eq!(templates.parse_command_reply_topic("/h1//cmd_reply"), None);
+        assert_eq!(
+            templates.parse_command_reply_topic("/h1/d1/cmd_reply"),
+            Some(DataTopic {
+                hub: Some("h1"),
+                device: "d1"
+            })
+        );
     }
 
     #[test]
@@ -429,6 +518,11 @@ mod tests {
                 templates.parse_data_topic(&topic),
                 Some(DataTopic { hub: Some(hub.as_str()), device: device.as_str() })
             );
+            let reply = templates.command_reply_topic(&hub, &device);
+            prop_assert_eq!(
+                templates.parse_command_reply_topic(&reply),
+                Some(DataTopic { hub: Some(hub.as_str()), device: device.as_str() })
+            );
             let register = templates.register_topic(&hub);
             prop_assert_eq!(templates.parse_register_topic(&register), Some(hub.as_str()));
         }
@@ -438,6 +532,7 @@ mod tests {
             let templates = ChannelTemplates::default();
             let _ = templates.parse_data_topic(&topic);
             let _ = templates.parse_register_topic(&topic);
+            let _ = templates.parse_command_reply_topic(&topic);
             let _ = parse_sgframework_topic(&topic);
         }
 

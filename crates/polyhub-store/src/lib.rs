@@ -104,4 +104,38 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_presence(&self, device_id: &str) -> Result<Presence, StoreError>;
     /// Presence of every device of a hub, ordered by device id.
     async fn list_presence(&self, hub_id: &str) -> Result<Vec<Presence>, StoreError>;
+
+    // --- commands ---------------------------------------------------------------------
+    // Default bodies keep test doubles that do not deal with commands short; every real
+    // backend implements them all.
+    /// Stores a new command as `Queued`, with the next per-device `seq`.
+    /// Errors: `NotFound` (device), `Conflict` (id taken), `Invalid`.
+    async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
+        let _ = command;
+        Err(commands_unsupported())
+    }
+    async fn get_command(&self, id: &str) -> Result<Command, StoreError> {
+        let _ = id;
+        Err(commands_unsupported())
+    }
+    async fn list_commands(&self, query: CommandQuery) -> Result<Vec<Command>, StoreError> {
+        let _ = query;
+        Err(commands_unsupported())
+    }
+    /// Applies a state change atomically if the command is in one of `from` (sets the
+    /// timestamp of the new state; `Sent` also increments `attempts`). Errors: `NotFound`,
+    /// `Conflict` (current state not in `from`; the message names it).
+    async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
+        let _ = change;
+        Err(commands_unsupported())
+    }
+    /// Every command not in a final state, ordered by device then `seq`: what the dispatcher
+    /// reloads at start-up.
+    async fn unfinished_commands(&self) -> Result<Vec<Command>, StoreError> {
+        Err(commands_unsupported())
+    }
+}
+
+fn commands_unsupported() -> StoreError {
+    StoreError::Backend("this store does not keep commands".to_owned())
 }

@@ -486,3 +486,117 @@ pub struct ParserStatus {
     /// Receive-to-commit time of the oldest message of the last batch, in milliseconds.
     pub last_lag_ms: u64,
 }
+
+/// Where a command is in its life. `Queued → Sent → Delivered → Acknowledged`, or it ends
+/// `Expired`, `Failed` or `Cancelled`. Every step is timestamped on the [`Command`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// Stored, waiting for the device (offline, or behind earlier commands).
+    Queued,
+    /// Handed to the protocol client (published / sent as a stanza).
+    Sent,
+    /// The transport confirmed it reached the device (broker routed it to the device's
+    /// session / XMPP delivery receipt).
+    Delivered,
+    /// The device answered (sgframework echo, a reply on the hub reply channel, an XMPP reply).
+    Acknowledged,
+    /// Its TTL passed before it was acknowledged; if still queued it never went out.
+    Expired,
+    /// The device or the protocol client reported an error.
+    Failed,
+    /// Cancelled through the API before it was acknowledged.
+    Cancelled,
+}
+
+impl CommandState {
+    /// Whether nothing more can happen to a command in this state.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandState::Acknowledged
+                | CommandState::Expired
+                | CommandState::Failed
+                | CommandState::Cancelled
+        )
+    }
+}
+
+/// Largest command payload accepted (JSON-encoded), in bytes.
+pub const MAX_COMMAND_PAYLOAD: usize = 64 * 1024;
+
+/// A command to a device, stored before it is delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Command {
+    /// Unique id (`cmd-` followed by 26 characters, sortable by creation time).
+    pub id: String,
+    pub device_id: String,
+    pub hub_id: String,
+    /// The device's protocol when the command was created: selects the backend client.
+    pub protocol: String,
+    /// What to do (for sgframework resources: the command signal name).
+    pub name: String,
+    /// Arguments: any JSON value.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub payload: serde_json::Value,
+    /// Per-device position: commands to one device go out in this order.
+    pub seq: i64,
+    pub state: CommandState,
+    pub created_at: Millis,
+    /// When it expires unless acknowledged before (`created_at + ttl`).
+    pub expires_at: Option<Millis>,
+    pub sent_at: Option<Millis>,
+    pub delivered_at: Option<Millis>,
+    pub acknowledged_at: Option<Millis>,
+    /// When it became expired, failed or cancelled.
+    pub finished_at: Option<Millis>,
+    /// Why it failed, expired or was cancelled.
+    pub reason: Option<String>,
+    /// What the device answered (acknowledged or failed), if anything.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub reply: Option<serde_json::Value>,
+    /// How many times it was handed to the protocol client (re-sent after a restart or a
+    /// reconnect while unacknowledged).
+    pub attempts: u32,
+}
+
+/// A command as it is first stored (state `Queued`; the store assigns `seq`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCommandRecord {
+    pub id: String,
+    pub device_id: String,
+    pub hub_id: String,
+    pub protocol: String,
+    pub name: String,
+    pub payload: serde_json::Value,
+    pub created_at: Millis,
+    pub expires_at: Option<Millis>,
+}
+
+/// A change of a command's state, applied only if its current state is in `from`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandTransition {
+    pub id: String,
+    pub from: Vec<CommandState>,
+    pub to: CommandState,
+    pub at: Millis,
+    /// Stored in `reason` (failed, expired, cancelled).
+    pub reason: Option<String>,
+    /// Stored in `reply` (acknowledged, failed).
+    pub reply: Option<serde_json::Value>,
+}
+
+/// Commands of one device (or of all devices), newest first unless `oldest_first`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandQuery {
+    pub device_id: Option<String>,
+    /// Only these states; all when empty.
+    pub states: Vec<CommandState>,
+    /// Continue after this command id (from the previous page's last item).
+    pub after: Option<String>,
+    /// 0 → 100; capped at [`MAX_PAGE`].
+    pub limit: u32,
+    pub oldest_first: bool,
+}

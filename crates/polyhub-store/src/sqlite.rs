@@ -18,6 +18,7 @@
 //! `ingest_rate_report` in the tests for the measurement).
 
 mod activity;
+mod commands;
 mod registry;
 mod schema;
 mod telemetry;
@@ -475,6 +476,39 @@ impl Store for SqliteStore {
         let hub_id = hub_id.to_owned();
         self.read(move |tx| activity::list_presence(tx, &hub_id))
             .await
+    }
+
+    async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
+        commands::validate_new_command(&command)?;
+        self.write(move |tx| commands::create_command(tx, command))
+            .await
+    }
+
+    async fn get_command(&self, id: &str) -> Result<Command, StoreError> {
+        validate_id("command", id)?;
+        let id = id.to_owned();
+        self.read(move |tx| commands::get_command(tx, &id)).await
+    }
+
+    async fn list_commands(&self, query: CommandQuery) -> Result<Vec<Command>, StoreError> {
+        if let Some(device_id) = &query.device_id {
+            validate_id("device", device_id)?;
+        }
+        if let Some(after) = &query.after {
+            validate_id("command", after)?;
+        }
+        self.read(move |tx| commands::list_commands(tx, &query))
+            .await
+    }
+
+    async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
+        validate_id("command", &change.id)?;
+        self.write(move |tx| commands::transition_command(tx, &change))
+            .await
+    }
+
+    async fn unfinished_commands(&self) -> Result<Vec<Command>, StoreError> {
+        self.read(|tx| commands::unfinished_commands(tx)).await
     }
 }
 

@@ -976,7 +976,12 @@ async fn reopening_keeps_everything_and_does_not_migrate_again() {
     }
     let path = dir.path().join("nested").join("hub.db");
     let applied_before = migration_rows(&path);
-    assert_eq!(applied_before.len(), 1);
+    let versions: Vec<i64> = applied_before.iter().map(|(version, _)| *version).collect();
+    assert_eq!(
+        versions,
+        vec![1, 2],
+        "every migration applied once, in order"
+    );
 
     let store = SqliteStore::open(&dir.path().join("nested"), &config).unwrap();
     assert_eq!(store.path(), path);

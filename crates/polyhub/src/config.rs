@@ -79,6 +79,10 @@ pub(crate) struct Config {
     pub(crate) hub: polyhub_hub::HubConfig,
     /// The `[storage]` section: where the registry and telemetry live.
     pub(crate) storage: StorageConfig,
+    /// The `[polyglot.<name>]` sections: one backend client per protocol.
+    pub(crate) polyglot: polyhub_polyglot::PolyglotConfig,
+    /// The `[commands]` section: the command lifecycle.
+    pub(crate) commands: polyhub_polyglot::CommandConfig,
 }
 
 /// The `[storage]` section.
@@ -98,6 +102,8 @@ impl Default for Config {
             http: polyhub_api::ApiConfig::default(),
             hub: polyhub_hub::HubConfig::default(),
             storage: StorageConfig::default(),
+            polyglot: polyhub_polyglot::PolyglotConfig::default(),
+            commands: polyhub_polyglot::CommandConfig::default(),
         }
     }
 }
@@ -202,6 +208,12 @@ impl Config {
         self.hub
             .validate()
             .map_err(|error| ConfigError::Invalid(format!("[hub]: {error}")))?;
+        self.commands
+            .validate()
+            .map_err(|error| ConfigError::Invalid(format!("[commands]: {error}")))?;
+        self.polyglot
+            .clients()
+            .map_err(|error| ConfigError::Invalid(error.to_string()))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|error| {
             ConfigError::Invalid(format!(
                 "invalid log filter {:?} ([log] level, {} or --log): {error}",
@@ -563,6 +575,8 @@ mod tests {
             "channels",
             "storage",
             "sqlite",
+            "polyglot",
+            "commands",
         ]
         .contains(&field)
     }
@@ -592,6 +606,10 @@ mod tests {
             (
                 "[storage.sqlite]",
                 expected_fields::<polyhub_store::SqliteConfig>(),
+            ),
+            (
+                "[commands]",
+                expected_fields::<polyhub_polyglot::CommandConfig>(),
             ),
         ];
         for (section, fields) in sections {
@@ -628,6 +646,7 @@ mod tests {
             expected_fields::<polyhub_hub::ChannelTemplates>(),
             expected_fields::<StorageConfig>(),
             expected_fields::<polyhub_store::SqliteConfig>(),
+            expected_fields::<polyhub_polyglot::CommandConfig>(),
         ];
         // Sections are documented under their own headings, not as keys.
         for field in sections.into_iter().flatten().filter(|f| !is_section(f)) {

@@ -9,11 +9,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use async_trait::async_trait;
-use polyhub_api::{ApiState, HubRuntime, RuntimeError};
+use polyhub_api::{ApiState, CommandRuntime, HubRuntime, RuntimeError};
 use polyhub_broker::Broker;
 use polyhub_hub::bus::PresenceEvent;
 use polyhub_hub::{HubError, HubManager, ManagerDeps, ProcessParserCommand};
-use polyhub_store::{Device, ParserStatus, SqliteStore, Store};
+use polyhub_polyglot::backends::mqtt::{MqttClientFactory, PresenceTable};
+use polyhub_polyglot::{
+    BackendEvent, ClientRegistry, CommandError, CommandService, FactoryContext, Polyglot,
+};
+use polyhub_store::{Command, Device, ParserStatus, SqliteStore, Store};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,6 +31,7 @@ use crate::config::Config;
 /// The running platform: what shutdown waits for.
 pub(crate) struct Platform {
     manager_task: JoinHandle<()>,
+    commands_task: JoinHandle<()>,
     api_task: JoinHandle<std::io::Result<()>>,
 }
 
@@ -65,20 +70,58 @@ pub(crate) async fn start(
         .context("cannot install the metrics recorder")
         .map_err(Failure::Runtime)?;
 
+    let bus: Arc<dyn polyhub_hub::bus::BusConnector> = Arc::new(LocalBus::new(broker.clone()));
+    // Who is connected matters to the hub (presence rows) and to the command service (when to
+    // send); one feed from the broker serves both.
+    let (hub_presence, mut command_presence) =
+        split_presence(forward_presence(broker, shutdown.clone()));
     let deps = ManagerDeps {
         store: store.clone(),
-        bus: Arc::new(LocalBus::new(broker.clone())),
-        presence: Some(forward_presence(broker, shutdown.clone())),
+        bus: bus.clone(),
+        presence: Some(hub_presence),
         process_parser: Some(process_parser_command(config, &child)?),
     };
     let (manager, manager_task) = HubManager::start(config.hub.clone(), deps, shutdown.clone())
         .await
         .map_err(|error| Failure::Runtime(anyhow!("hub manager: {error}")))?;
 
+    // Polyglot: the protocol clients from `[polyglot.*]`, built through the registry of the
+    // factories this binary knows, and the command service over them.
+    let online = PresenceTable::default();
+    let registry = ClientRegistry::new().with(Box::new(MqttClientFactory::new(online.clone())));
+    let (events, backend_events) = mpsc::channel::<BackendEvent>(4096);
+    let context = FactoryContext {
+        events,
+        store: store.clone(),
+        shutdown: shutdown.clone(),
+        bus: Some(bus),
+        channels: config.hub.channels.clone(),
+    };
+    let polyglot = Polyglot::build(&config.polyglot, &registry, context)
+        .await
+        .map_err(|error| Failure::Runtime(anyhow!("polyglot: {error}")))?;
+    let (commands, commands_task) = CommandService::start(
+        store.clone(),
+        polyglot,
+        backend_events,
+        config.commands.clone(),
+        shutdown.clone(),
+    );
+    let presence_commands = commands.clone();
+    tokio::spawn(async move {
+        while let Some(event) = command_presence.recv().await {
+            online.set(&event.client_id, event.online);
+            presence_commands
+                .device_presence(&event.client_id, event.online)
+                .await;
+        }
+    });
+
     let router = polyhub_api::router_with_config(
         ApiState {
             store,
             runtime: Arc::new(ManagerRuntime(manager)),
+            commands: Some(Arc::new(CommandsRuntime(commands))),
             metrics: Some(metrics),
         },
         &config.http,
@@ -91,6 +134,7 @@ pub(crate) async fn start(
     let api_task = tokio::spawn(polyhub_api::serve(http, router, shutdown));
     Ok(Platform {
         manager_task,
+        commands_task,
         api_task,
     })
 }
@@ -106,6 +150,9 @@ impl Platform {
         }
         if let Err(error) = self.manager_task.await {
             warn!("hub manager task ended abnormally: {error}");
+        }
+        if let Err(error) = self.commands_task.await {
+            warn!("command service task ended abnormally: {error}");
         }
     }
 }
@@ -158,6 +205,27 @@ fn forward_presence(broker: &Broker, shutdown: CancellationToken) -> mpsc::Recei
         }
     });
     receiver
+}
+
+/// Copies each presence event to two consumers; the second one may lag behind the first
+/// without slowing it (its channel is unbounded: presence events are small and rare).
+fn split_presence(
+    mut events: mpsc::Receiver<PresenceEvent>,
+) -> (
+    mpsc::Receiver<PresenceEvent>,
+    mpsc::UnboundedReceiver<PresenceEvent>,
+) {
+    let (first, first_receiver) = mpsc::channel(1024);
+    let (second, second_receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let _ = second.send(event.clone());
+            if first.send(event).await.is_err() {
+                break;
+            }
+        }
+    });
+    (first_receiver, second_receiver)
 }
 
 /// `polyhub parser ... --hub ID` as the manager spawns it: this very executable, pointed at
@@ -240,5 +308,48 @@ impl HubRuntime for ManagerRuntime {
 
     fn is_ready(&self) -> bool {
         self.0.is_ready()
+    }
+}
+
+/// The command service as the API sees it.
+#[derive(Debug)]
+struct CommandsRuntime(CommandService);
+
+fn command_error(error: CommandError) -> RuntimeError {
+    match error {
+        CommandError::NotFound(message) => RuntimeError::NotFound(message),
+        CommandError::Invalid(message) => RuntimeError::Invalid(message),
+        CommandError::Conflict(message) => RuntimeError::Conflict(message),
+        CommandError::PayloadTooLarge(message) => RuntimeError::PayloadTooLarge(message),
+        CommandError::Unavailable(message) | CommandError::Failed(message) => {
+            RuntimeError::Failed(message)
+        }
+    }
+}
+
+#[async_trait]
+impl CommandRuntime for CommandsRuntime {
+    async fn submit(
+        &self,
+        device_id: &str,
+        request: polyhub_api::CommandRequest,
+    ) -> Result<Command, RuntimeError> {
+        let request = polyhub_polyglot::CommandRequest {
+            name: request.name,
+            payload: request.payload,
+            ttl_ms: request.ttl_ms,
+        };
+        self.0
+            .submit(device_id, request)
+            .await
+            .map_err(command_error)
+    }
+
+    async fn wait(&self, id: &str, timeout: std::time::Duration) -> Result<Command, RuntimeError> {
+        self.0.wait(id, timeout).await.map_err(command_error)
+    }
+
+    async fn cancel(&self, id: &str) -> Result<Command, RuntimeError> {
+        self.0.cancel(id).await.map_err(command_error)
     }
 }

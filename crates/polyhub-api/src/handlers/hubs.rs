@@ -63,6 +63,7 @@ pub(crate) fn created_but(kind: &str, id: &str, what: &str, error: RuntimeError)
         RuntimeError::Conflict(message) => ApiError::Unavailable(message),
         RuntimeError::NotFound(message)
         | RuntimeError::Invalid(message)
+        | RuntimeError::PayloadTooLarge(message)
         | RuntimeError::Failed(message) => ApiError::Internal(message),
     };
     error.with_context(&format!("{kind} {id:?} was created but {what}"))

@@ -2,6 +2,7 @@
 //! description, and the router registers handlers only through `utoipa_axum::routes!`, so the
 //! OpenAPI document cannot miss a route.
 
+pub(crate) mod commands;
 pub(crate) mod dead_letters;
 pub(crate) mod devices;
 pub(crate) mod groups;

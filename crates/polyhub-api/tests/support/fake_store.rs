@@ -23,6 +23,8 @@ struct Data {
     dead_letters: Vec<DeadLetter>,
     events: Vec<ParserEvent>,
     presence: BTreeMap<String, Presence>,
+    /// Keyed by id, which sorts by creation like the real ids.
+    commands: BTreeMap<String, Command>,
     clock: Millis,
 }
 
@@ -535,5 +537,133 @@ impl Store for FakeStore {
                 })
             })
             .collect())
+    }
+
+    async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
+        let mut data = self.data()?;
+        if !data.devices.contains_key(&command.device_id) {
+            return Err(StoreError::NotFound(format!(
+                "device {:?} not found",
+                command.device_id
+            )));
+        }
+        if data.commands.contains_key(&command.id) {
+            return Err(StoreError::Conflict(format!(
+                "command {:?} exists",
+                command.id
+            )));
+        }
+        let seq = data
+            .commands
+            .values()
+            .filter(|c| c.device_id == command.device_id)
+            .map(|c| c.seq)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let created = Command {
+            id: command.id,
+            device_id: command.device_id,
+            hub_id: command.hub_id,
+            protocol: command.protocol,
+            name: command.name,
+            payload: command.payload,
+            seq,
+            state: CommandState::Queued,
+            created_at: command.created_at,
+            expires_at: command.expires_at,
+            sent_at: None,
+            delivered_at: None,
+            acknowledged_at: None,
+            finished_at: None,
+            reason: None,
+            reply: None,
+            attempts: 0,
+        };
+        data.commands.insert(created.id.clone(), created.clone());
+        Ok(created)
+    }
+
+    async fn get_command(&self, id: &str) -> Result<Command, StoreError> {
+        let data = self.data()?;
+        data.commands
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("command {id:?} not found")))
+    }
+
+    async fn list_commands(&self, query: CommandQuery) -> Result<Vec<Command>, StoreError> {
+        let data = self.data()?;
+        let limit = if query.limit == 0 {
+            100
+        } else {
+            query.limit.min(MAX_PAGE)
+        } as usize;
+        let selected = data.commands.values().filter(|c| {
+            query.device_id.as_ref().is_none_or(|d| &c.device_id == d)
+                && (query.states.is_empty() || query.states.contains(&c.state))
+        });
+        let after = query.after.as_deref();
+        let items: Vec<Command> = if query.oldest_first {
+            selected
+                .filter(|c| after.is_none_or(|a| c.id.as_str() > a))
+                .take(limit)
+                .cloned()
+                .collect()
+        } else {
+            selected
+                .rev()
+                .filter(|c| after.is_none_or(|a| c.id.as_str() < a))
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        Ok(items)
+    }
+
+    async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
+        let mut data = self.data()?;
+        let command = data
+            .commands
+            .get_mut(&change.id)
+            .ok_or_else(|| StoreError::NotFound(format!("command {:?} not found", change.id)))?;
+        if !change.from.contains(&command.state) {
+            return Err(StoreError::Conflict(format!(
+                "command {:?} is {:?}",
+                change.id, command.state
+            )));
+        }
+        command.state = change.to;
+        match change.to {
+            CommandState::Queued => {}
+            CommandState::Sent => {
+                command.sent_at = Some(change.at);
+                command.attempts += 1;
+            }
+            CommandState::Delivered => command.delivered_at = Some(change.at),
+            CommandState::Acknowledged => command.acknowledged_at = Some(change.at),
+            CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
+                command.finished_at = Some(change.at);
+            }
+        }
+        if change.reason.is_some() {
+            command.reason = change.reason;
+        }
+        if change.reply.is_some() {
+            command.reply = change.reply;
+        }
+        Ok(command.clone())
+    }
+
+    async fn unfinished_commands(&self) -> Result<Vec<Command>, StoreError> {
+        let data = self.data()?;
+        let mut items: Vec<Command> = data
+            .commands
+            .values()
+            .filter(|c| !c.state.is_final())
+            .cloned()
+            .collect();
+        items.sort_by(|a, b| (&a.device_id, a.seq).cmp(&(&b.device_id, b.seq)));
+        Ok(items)
     }
 }

@@ -1,8 +1,10 @@
 //! Test doubles and helpers shared by the integration tests: an in-memory [`Store`], a
-//! [`HubRuntime`] that records its calls, and a one-shot request helper.
+//! [`HubRuntime`] that records its calls, a command service double, and a one-shot request
+//! helper.
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fake_commands;
 pub mod fake_runtime;
 pub mod fake_store;
 
@@ -16,6 +18,7 @@ use polyhub_store::Store;
 use serde_json::Value;
 use tower::ServiceExt;
 
+pub use fake_commands::FakeCommands;
 pub use fake_runtime::FakeRuntime;
 pub use fake_store::FakeStore;
 
@@ -24,21 +27,36 @@ pub struct Harness {
     pub router: Router,
     pub store: Arc<FakeStore>,
     pub runtime: Arc<FakeRuntime>,
+    pub commands: Arc<FakeCommands>,
 }
 
 impl Harness {
+    /// With a command service.
     pub fn new() -> Self {
+        Self::build(true)
+    }
+
+    /// Without a command service: commands are not enabled.
+    pub fn without_commands() -> Self {
+        Self::build(false)
+    }
+
+    fn build(with_commands: bool) -> Self {
         let store = Arc::new(FakeStore::default());
         let runtime = Arc::new(FakeRuntime::default());
+        let commands = Arc::new(FakeCommands::new(store.clone() as Arc<dyn Store>));
         let state = ApiState {
             store: store.clone() as Arc<dyn Store>,
             runtime: runtime.clone(),
+            commands: with_commands
+                .then(|| commands.clone() as Arc<dyn polyhub_api::CommandRuntime>),
             metrics: None,
         };
         Harness {
             router: router(state),
             store,
             runtime,
+            commands,
         }
     }
 

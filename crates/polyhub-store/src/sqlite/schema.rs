@@ -18,11 +18,18 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "registry, telemetry, ingest seqs, dead letters, parser events, presence",
-    sql: include_str!("../../migrations/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "registry, telemetry, ingest seqs, dead letters, parser events, presence",
+        sql: include_str!("../../migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "commands",
+        sql: include_str!("../../migrations/0002_commands.sql"),
+    },
+];
 
 /// The schema version this binary writes.
 pub(super) fn latest_version() -> i64 {

@@ -53,7 +53,7 @@ pub(crate) enum CtlError {
 }
 
 /// How long one request may take. Stopping a hub waits for its parser to commit, hence generous.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A successful answer: status and body text.
@@ -131,7 +131,20 @@ impl ApiClient {
         url: Url,
         body: Option<&serde_json::Value>,
     ) -> Result<Reply, CtlError> {
-        let mut request = self.http.request(method, url.clone());
+        self.send_with_timeout(method, url, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`send`](Self::send) with its own time limit, for requests that the API holds open on
+    /// purpose (a command sent with `wait_ms`).
+    pub(crate) async fn send_with_timeout(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<Reply, CtlError> {
+        let mut request = self.http.request(method, url.clone()).timeout(timeout);
         if let Some(body) = body {
             request = request.json(body);
         }

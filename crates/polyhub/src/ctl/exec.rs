@@ -3,18 +3,21 @@
 //! [`execute`] returns the text to print instead of printing it, so tests can run commands
 //! against a stand-in server and compare the output.
 
+use std::time::Duration;
+
+use polyhub_api::SubmitCommand;
 use polyhub_store::{
-    Bucket, DeadLetter, DesiredState, Device, Group, Hub, HubSettings, NewDevice, NewGroup, NewHub,
-    ParserEvent, ParserStatus, Presence, RangePage, TelemetryRow,
+    Bucket, Command, CommandState, DeadLetter, DesiredState, Device, Group, Hub, HubSettings,
+    NewDevice, NewGroup, NewHub, ParserEvent, ParserStatus, Presence, RangePage, TelemetryRow,
 };
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::client::{ApiClient, CtlError, Reply};
+use super::client::{ApiClient, CtlError, REQUEST_TIMEOUT, Reply};
 use super::table::{Table, enum_name, fields, or_dash, timestamp, timestamp_or_dash, truncate};
 use super::{
-    ApiArgs, CtlCommand, DeviceAction, GroupAction, HubAction, HubAddArgs, OutputFormat, PageArgs,
-    RangeArgs, TelemetryAction,
+    ApiArgs, CommandAction, CommandSendArgs, CtlCommand, DeviceAction, GroupAction, HubAction,
+    HubAddArgs, OutputFormat, PageArgs, RangeArgs, TelemetryAction,
 };
 
 /// `{"items": [...], "next": ...}`: registry lists, telemetry latest, events, dead letters.
@@ -39,6 +42,10 @@ pub(crate) async fn execute(command: CtlCommand) -> Result<String, CtlError> {
         CtlCommand::Device(cmd) => {
             let (client, output) = connect(&cmd.api)?;
             device(&client, output, cmd.action).await
+        }
+        CtlCommand::Command(cmd) => {
+            let (client, output) = connect(&cmd.api)?;
+            commands(&client, output, cmd.action).await
         }
         CtlCommand::Telemetry(cmd) => {
             let (client, output) = connect(&cmd.api)?;
@@ -438,6 +445,123 @@ fn presence_table(items: &[Presence]) -> String {
             if presence.online { "online" } else { "offline" }.to_owned(),
             timestamp_or_dash(presence.last_seen),
             timestamp_or_dash(presence.changed_at),
+        ]);
+    }
+    table.render()
+}
+
+// ----- commands --------------------------------------------------------------------------------
+
+async fn commands(
+    client: &ApiClient,
+    output: OutputFormat,
+    action: CommandAction,
+) -> Result<String, CtlError> {
+    match action {
+        CommandAction::Send(args) => send_command(client, output, args).await,
+        CommandAction::Show { id } => {
+            let reply = client.get(&["commands", &id], &[]).await?;
+            render(output, &reply, |command: Command| command_fields(&command))
+        }
+        CommandAction::List {
+            device,
+            state,
+            oldest_first,
+            page,
+        } => {
+            let states: Vec<String> = state
+                .into_iter()
+                .map(|arg| enum_name(&CommandState::from(arg)))
+                .collect();
+            let [after, limit] = page_query(page);
+            let query = [
+                ("state", (!states.is_empty()).then(|| states.join(","))),
+                ("order", oldest_first.then(|| "asc".to_owned())),
+                after,
+                limit,
+            ];
+            let reply = client
+                .get(&["devices", &device, "commands"], &query)
+                .await?;
+            render(output, &reply, |page: Items<Command>| {
+                commands_table(&page.items) + &more_hint("--after", page.next.as_deref())
+            })
+        }
+        CommandAction::Cancel { id } => {
+            let reply = client.post(&["commands", &id, "cancel"], None).await?;
+            render(output, &reply, |command: Command| command_fields(&command))
+        }
+    }
+}
+
+/// The request body of `command send`: `--ttl` and `--wait` become `ttl_ms` and `wait_ms`.
+pub(crate) fn submit_body(args: &CommandSendArgs) -> SubmitCommand {
+    SubmitCommand {
+        name: args.name.clone(),
+        payload: args.payload.clone().unwrap_or(serde_json::Value::Null),
+        ttl_ms: args.ttl,
+        wait_ms: args.wait,
+    }
+}
+
+async fn send_command(
+    client: &ApiClient,
+    output: OutputFormat,
+    args: CommandSendArgs,
+) -> Result<String, CtlError> {
+    let body = to_json(&submit_body(&args))?;
+    // The API holds the request open for up to the wait; the usual limit then comes on top.
+    let timeout = REQUEST_TIMEOUT + Duration::from_millis(args.wait.unwrap_or(0));
+    let url = client.url(&["devices", &args.device, "commands"], &[]);
+    let reply = client
+        .send_with_timeout(reqwest::Method::POST, url, Some(&body), timeout)
+        .await?;
+    render(output, &reply, |command: Command| command_fields(&command))
+}
+
+/// One command as `name: value` lines, every step's time included.
+pub(crate) fn command_fields(command: &Command) -> String {
+    fields(&[
+        ("id", command.id.clone()),
+        ("device", command.device_id.clone()),
+        ("hub", command.hub_id.clone()),
+        ("protocol", command.protocol.clone()),
+        ("name", command.name.clone()),
+        ("payload", command.payload.to_string()),
+        ("state", enum_name(&command.state)),
+        ("seq", command.seq.to_string()),
+        ("attempts", command.attempts.to_string()),
+        ("created", timestamp(command.created_at)),
+        ("expires", timestamp_or_dash(command.expires_at)),
+        ("sent", timestamp_or_dash(command.sent_at)),
+        ("delivered", timestamp_or_dash(command.delivered_at)),
+        ("acknowledged", timestamp_or_dash(command.acknowledged_at)),
+        ("finished", timestamp_or_dash(command.finished_at)),
+        ("reason", or_dash(command.reason.as_deref())),
+        ("reply", or_dash(command.reply.as_ref())),
+    ])
+}
+
+/// Commands one per line; OUTCOME is the reply, else the reason, else `-`.
+pub(crate) fn commands_table(commands: &[Command]) -> String {
+    let mut table = Table::new(&[
+        "ID", "SEQ", "NAME", "STATE", "CREATED", "ATTEMPTS", "PAYLOAD", "OUTCOME",
+    ]);
+    for command in commands {
+        let outcome = match (&command.reply, &command.reason) {
+            (Some(reply), _) => reply.to_string(),
+            (None, Some(reason)) => reason.clone(),
+            (None, None) => "-".to_owned(),
+        };
+        table.push(vec![
+            command.id.clone(),
+            command.seq.to_string(),
+            command.name.clone(),
+            enum_name(&command.state),
+            timestamp(command.created_at),
+            command.attempts.to_string(),
+            truncate(&command.payload.to_string(), 40),
+            truncate(&outcome, 60),
         ]);
     }
     table.render()

@@ -1,5 +1,5 @@
-//! `polyhub group|hub|device|telemetry|dead-letters|parsers`: the command line as a client of
-//! the REST API of a running `polyhub run`, so the hub can be scripted without curl.
+//! `polyhub group|hub|device|command|telemetry|dead-letters|parsers`: the command line as a
+//! client of the REST API of a running `polyhub run`, so the hub can be scripted without curl.
 //!
 //! Every command takes `--api URL` (env `POLYHUB_API`, default `http://127.0.0.1:8080`) and
 //! `--output table|json`. `json` prints the API's answer exactly as received (one document per
@@ -14,7 +14,7 @@ mod exec;
 mod table;
 
 use clap::{Args, Subcommand, ValueEnum};
-use polyhub_store::{ChannelStyle, Decoder, Isolation};
+use polyhub_store::{ChannelStyle, CommandState, Decoder, Isolation};
 
 pub(crate) use client::CtlError;
 
@@ -31,6 +31,8 @@ pub(crate) enum CtlCommand {
     Hub(HubCmd),
     /// Devices: each publishes on its own channel of its hub.
     Device(DeviceCmd),
+    /// Commands to devices: send one (optionally waiting for the answer), follow, list, cancel.
+    Command(CommandCmd),
     /// Stored telemetry of a device: latest values, a time range, or downsampled buckets.
     Telemetry(TelemetryCmd),
     /// Messages that could not be ingested, with the reason, newest first.
@@ -316,6 +318,91 @@ pub(crate) enum DeviceAction {
     },
 }
 
+/// `polyhub command ...`.
+#[derive(Debug, Args)]
+pub(crate) struct CommandCmd {
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    #[command(subcommand)]
+    pub(crate) action: CommandAction,
+}
+
+/// What to do with commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum CommandAction {
+    /// Send a command to a device. It is stored first, then goes out in order as soon as the
+    /// device is online; prints the command (after the wait, with --wait).
+    Send(CommandSendArgs),
+    /// Show one command: its state and when each step happened.
+    Show {
+        /// The command's id (cmd-...)
+        id: String,
+    },
+    /// List a device's commands, newest first.
+    List {
+        /// The device's id
+        device: String,
+        /// Only commands in these states (comma-separated or repeated)
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "STATE")]
+        state: Vec<CommandStateArg>,
+        /// Oldest first instead
+        #[arg(long)]
+        oldest_first: bool,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Cancel a command that has not been acknowledged yet.
+    Cancel {
+        /// The command's id (cmd-...)
+        id: String,
+    },
+}
+
+/// `polyhub command send`.
+#[derive(Debug, Args)]
+pub(crate) struct CommandSendArgs {
+    /// The device's id
+    pub(crate) device: String,
+    /// The command's name (for sgframework resources: the command signal)
+    pub(crate) name: String,
+    /// Its arguments as JSON, e.g. '{"rpm":1200}', 42 or '"on"' (default: null)
+    #[arg(long, value_name = "JSON", value_parser = parse_json_value)]
+    pub(crate) payload: Option<serde_json::Value>,
+    /// Expire it if unacknowledged after this long: ms, or e.g. 500ms, 30s, 5m, 1h, 1d
+    /// (default: never)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub(crate) ttl: Option<u64>,
+    /// Wait up to this long (at most 60s) for the device's answer before printing
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait_ms)]
+    pub(crate) wait: Option<u64>,
+}
+
+/// `--state` (mirrors [`CommandState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CommandStateArg {
+    Queued,
+    Sent,
+    Delivered,
+    Acknowledged,
+    Expired,
+    Failed,
+    Cancelled,
+}
+
+impl From<CommandStateArg> for CommandState {
+    fn from(arg: CommandStateArg) -> Self {
+        match arg {
+            CommandStateArg::Queued => CommandState::Queued,
+            CommandStateArg::Sent => CommandState::Sent,
+            CommandStateArg::Delivered => CommandState::Delivered,
+            CommandStateArg::Acknowledged => CommandState::Acknowledged,
+            CommandStateArg::Expired => CommandState::Expired,
+            CommandStateArg::Failed => CommandState::Failed,
+            CommandStateArg::Cancelled => CommandState::Cancelled,
+        }
+    }
+}
+
 /// `polyhub telemetry ...`.
 #[derive(Debug, Args)]
 pub(crate) struct TelemetryCmd {
@@ -410,6 +497,31 @@ fn parse_json_object(text: &str) -> Result<serde_json::Value, String> {
         Ok(_) => Err("metadata must be a JSON object, e.g. '{\"site\":\"north\"}'".to_owned()),
         Err(error) => Err(format!("not valid JSON: {error}")),
     }
+}
+
+/// `--payload`: any JSON value, checked before anything is sent.
+fn parse_json_value(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text).map_err(|error| {
+        format!("not valid JSON ({error}); quote text as a JSON string, e.g. '\"on\"'")
+    })
+}
+
+/// `--ttl`: the API's duration grammar (integer ms, or a number with ms, s, m, h, d).
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let millis = polyhub_api::time::parse_duration_ms(text)?;
+    u64::try_from(millis).map_err(|_| format!("duration {text:?} must be positive"))
+}
+
+/// `--wait`: a duration of at most the API's maximum wait.
+fn parse_wait_ms(text: &str) -> Result<u64, String> {
+    let millis = parse_duration_ms(text)?;
+    if millis > polyhub_api::MAX_WAIT_MS {
+        return Err(format!(
+            "{text:?} is longer than the longest wait, {}s",
+            polyhub_api::MAX_WAIT_MS / 1000
+        ));
+    }
+    Ok(millis)
 }
 
 /// Runs one command against the API and prints its result on standard output.

@@ -290,7 +290,38 @@ async fn stand_in_api(seen: Seen) -> String {
         }))
     }
 
+    async fn submit_command(
+        State(seen): State<Seen>,
+        Path(device): Path<String>,
+        method: Method,
+        uri: Uri,
+        Json(body): Json<Value>,
+    ) -> Response {
+        record(&seen, &method, &uri, body.clone());
+        let mut command = sample_command_json();
+        command["device_id"] = json!(device);
+        command["name"] = body["name"].clone();
+        command["payload"] = body["payload"].clone();
+        (StatusCode::CREATED, Json(command)).into_response()
+    }
+    async fn list_commands(State(seen): State<Seen>, method: Method, uri: Uri) -> Json<Value> {
+        record(&seen, &method, &uri, Value::Null);
+        Json(json!({"items": [sample_command_json()], "next": "cmd-01"}))
+    }
+    async fn cancel_command(Path(id): Path<String>) -> Response {
+        error_response(
+            StatusCode::CONFLICT,
+            "conflict",
+            &format!("command {id:?} is acknowledged"),
+        )
+    }
+
     let app = axum::Router::new()
+        .route(
+            "/devices/{id}/commands",
+            post(submit_command).get(list_commands),
+        )
+        .route("/commands/{id}/cancel", post(cancel_command))
         .route("/groups", get(list_groups))
         .route("/groups/{id}", axum::routing::delete(delete_group))
         .route("/hubs", post(create_hub))
@@ -491,5 +522,260 @@ async fn an_unreachable_api_gets_advice() {
     assert_eq!(
         error.to_string(),
         format!("cannot reach the polyhub API at {api}: is `polyhub run` running?")
+    );
+}
+
+// ----- commands --------------------------------------------------------------------------------
+
+/// An acknowledged command as the API serialises it.
+fn sample_command_json() -> Value {
+    json!({
+        "id": "cmd-01", "device_id": "d1", "hub_id": "h1", "protocol": "mqtt",
+        "name": "set_speed", "payload": {"rpm": 1200}, "seq": 3, "state": "acknowledged",
+        "created_at": 1_795_255_200_000_i64, "expires_at": 1_795_255_230_000_i64,
+        "sent_at": 1_795_255_200_002_i64, "delivered_at": null,
+        "acknowledged_at": 1_795_255_200_010_i64, "finished_at": null, "reason": null,
+        "reply": {"ok": true}, "attempts": 1,
+    })
+}
+
+fn sample_command() -> polyhub_store::Command {
+    serde_json::from_value(sample_command_json()).unwrap()
+}
+
+fn send_args(args: &[&str]) -> CommandSendArgs {
+    let mut full = vec!["command", "send"];
+    full.extend_from_slice(args);
+    match parsed(&full) {
+        CtlCommand::Command(CommandCmd {
+            action: CommandAction::Send(send),
+            ..
+        }) => send,
+        other => panic!("parsed as {other:?}"),
+    }
+}
+
+#[test]
+fn command_send_maps_durations_to_milliseconds() {
+    let args = send_args(&[
+        "d1",
+        "set_speed",
+        "--payload",
+        r#"{"rpm":1200}"#,
+        "--ttl",
+        "30s",
+        "--wait",
+        "5s",
+    ]);
+    assert_eq!(
+        (args.device.as_str(), args.name.as_str()),
+        ("d1", "set_speed")
+    );
+    let body = serde_json::to_value(super::exec::submit_body(&args)).unwrap();
+    assert_eq!(
+        body,
+        json!({"name": "set_speed", "payload": {"rpm": 1200}, "ttl_ms": 30000, "wait_ms": 5000})
+    );
+
+    // Bare numbers are milliseconds; absent options are left out, the payload is null.
+    let args = send_args(&["d1", "reboot", "--wait", "250"]);
+    assert_eq!(args.wait, Some(250));
+    let body = serde_json::to_value(super::exec::submit_body(&args)).unwrap();
+    assert_eq!(
+        body,
+        json!({"name": "reboot", "payload": null, "wait_ms": 250})
+    );
+    // Any JSON value is a payload, a string included.
+    let args = send_args(&["d1", "mode", "--payload", r#""eco""#, "--ttl", "1m"]);
+    assert_eq!(args.payload, Some(json!("eco")));
+    assert_eq!(args.ttl, Some(60_000));
+    assert_eq!(send_args(&["d1", "x", "--wait", "60s"]).wait, Some(60_000));
+}
+
+#[test]
+fn bad_command_arguments_are_usage_errors() {
+    for args in [
+        &["command", "send", "d1"][..],                          // no name
+        &["command", "send", "d1", "x", "--payload", "eco"][..], // not JSON
+        &["command", "send", "d1", "x", "--ttl", "0"][..],       // not positive
+        &["command", "send", "d1", "x", "--ttl", "5 weeks"][..],
+        &["command", "send", "d1", "x", "--wait", "61s"][..], // above the API's maximum
+        &["command", "list", "d1", "--state", "done"][..],
+        &["command", "show"][..],
+    ] {
+        let error = parse(args).expect_err(&format!("{args:?} parsed"));
+        assert_ne!(
+            error.kind(),
+            clap::error::ErrorKind::DisplayHelp,
+            "{args:?}: {error}"
+        );
+    }
+    let error = parse(&["command", "send", "d1", "x", "--payload", "eco"]).unwrap_err();
+    assert!(error.to_string().contains("quote text"), "{error}");
+}
+
+#[test]
+fn command_list_and_show_parse() {
+    let CtlCommand::Command(CommandCmd {
+        action:
+            CommandAction::List {
+                device,
+                state,
+                oldest_first,
+                page,
+            },
+        ..
+    }) = parsed(&[
+        "command",
+        "list",
+        "d1",
+        "--state",
+        "queued,sent",
+        "--state",
+        "failed",
+        "--oldest-first",
+        "--limit",
+        "5",
+    ])
+    else {
+        panic!("list");
+    };
+    assert_eq!(device, "d1");
+    assert_eq!(
+        state,
+        [
+            CommandStateArg::Queued,
+            CommandStateArg::Sent,
+            CommandStateArg::Failed
+        ]
+    );
+    assert!(oldest_first);
+    assert_eq!(page.limit, Some(5));
+    assert!(matches!(
+        parsed(&["command", "show", "cmd-1"]),
+        CtlCommand::Command(CommandCmd { action: CommandAction::Show { id }, .. }) if id == "cmd-1"
+    ));
+    assert!(matches!(
+        parsed(&["command", "cancel", "cmd-1"]),
+        CtlCommand::Command(CommandCmd { action: CommandAction::Cancel { id }, .. }) if id == "cmd-1"
+    ));
+}
+
+#[test]
+fn a_command_renders_as_fields_and_as_a_table_row() {
+    let command = sample_command();
+    assert_eq!(
+        super::exec::command_fields(&command),
+        "id:            cmd-01\n\
+         device:        d1\n\
+         hub:           h1\n\
+         protocol:      mqtt\n\
+         name:          set_speed\n\
+         payload:       {\"rpm\":1200}\n\
+         state:         acknowledged\n\
+         seq:           3\n\
+         attempts:      1\n\
+         created:       2026-11-21T10:00:00.000Z\n\
+         expires:       2026-11-21T10:00:30.000Z\n\
+         sent:          2026-11-21T10:00:00.002Z\n\
+         delivered:     -\n\
+         acknowledged:  2026-11-21T10:00:00.010Z\n\
+         finished:      -\n\
+         reason:        -\n\
+         reply:         {\"ok\":true}\n"
+    );
+    let mut failed = sample_command();
+    failed.id = "cmd-02".to_owned();
+    failed.state = polyhub_store::CommandState::Failed;
+    failed.reply = None;
+    failed.reason = Some("device said no".to_owned());
+    failed.payload = json!(null);
+    assert_eq!(
+        super::exec::commands_table(&[command, failed]),
+        "ID      SEQ  NAME       STATE         CREATED                   ATTEMPTS  PAYLOAD       OUTCOME\n\
+         cmd-01  3    set_speed  acknowledged  2026-11-21T10:00:00.000Z  1         {\"rpm\":1200}  {\"ok\":true}\n\
+         cmd-02  3    set_speed  failed        2026-11-21T10:00:00.000Z  1         null          device said no\n"
+    );
+}
+
+#[tokio::test]
+async fn command_send_posts_ttl_and_wait_and_prints_the_command() {
+    let seen = Seen::default();
+    let api = stand_in_api(seen.clone()).await;
+    let text = run_against(
+        &api,
+        &[
+            "command",
+            "send",
+            "d7",
+            "set_speed",
+            "--payload",
+            "7",
+            "--ttl",
+            "2s",
+            "--wait",
+            "5s",
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(text.contains("device:        d7\n"), "{text}");
+    assert!(text.contains("state:         acknowledged\n"), "{text}");
+    let requests = seen.lock().unwrap().clone();
+    let (method, uri, body) = &requests[0];
+    assert_eq!(
+        (method.as_str(), uri.as_str()),
+        ("POST", "/devices/d7/commands")
+    );
+    assert_eq!(
+        body,
+        &json!({"name": "set_speed", "payload": 7, "ttl_ms": 2000, "wait_ms": 5000})
+    );
+}
+
+#[tokio::test]
+async fn command_list_sends_filters_and_cancel_reports_conflicts() {
+    let seen = Seen::default();
+    let api = stand_in_api(seen.clone()).await;
+    let table = run_against(
+        &api,
+        &[
+            "command",
+            "list",
+            "d1",
+            "--state",
+            "queued,sent",
+            "--oldest-first",
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(table.starts_with("ID      SEQ  NAME"), "{table}");
+    assert!(
+        table.ends_with("(more: repeat with --after cmd-01)\n"),
+        "{table}"
+    );
+    let json_text = run_against(&api, &["command", "list", "d1", "--output", "json"])
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&json_text).unwrap()["items"][0],
+        sample_command_json()
+    );
+    let uris: Vec<String> = seen.lock().unwrap().iter().map(|r| r.1.clone()).collect();
+    assert_eq!(
+        uris,
+        [
+            "/devices/d1/commands?state=queued%2Csent&order=asc",
+            "/devices/d1/commands"
+        ]
+    );
+
+    let error = run_against(&api, &["command", "cancel", "cmd-01"])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        r#"command "cmd-01" is acknowledged (conflict, HTTP 409)"#
     );
 }

@@ -1,0 +1,1170 @@
+//! The command lifecycle: stored first, sent in order when the device is online, tracked until
+//! the device answers, expired when its TTL passes, recovered after a restart.
+//!
+//! [`CommandService`] is a cheap handle; one task (the dispatcher) owns the lifecycle. Every
+//! state change after creation happens in that task, which is what makes "send, then record
+//! `sent`" safe: no reply, cancel or expiry can be handled in between. Submissions are stored
+//! by the caller's task (so a slow store write does not hold up the dispatcher) under a
+//! per-device lock that also covers handing the command to the dispatcher, so the dispatcher
+//! learns of one device's commands in `seq` order.
+//!
+//! What the dispatcher keeps in memory is the unfinished commands only: per device, those
+//! waiting to be sent (`pending`, by `seq`) and those sent and awaiting an answer
+//! (`inflight`). The store stays the truth; memory is rebuilt from
+//! [`Store::unfinished_commands`] at start.
+//!
+//! Time: the service reads wall-clock milliseconds through a clock anchored on tokio's
+//! `Instant`, so that expiry follows tokio's (pausable) time in tests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use polyhub_store::{
+    Command, CommandState, CommandTransition, Device, IngestBatch, IngestedMessage,
+    MAX_COMMAND_PAYLOAD, Millis, NewCommandRecord, Store, StoreError, TelemetryRow, Value,
+    now_millis,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{BackendClient, BackendError, BackendEvent, SendOutcome};
+use crate::config::CommandConfig;
+use crate::id::new_command_id;
+use crate::polyglot::Polyglot;
+
+/// Longest command name, in bytes.
+pub const MAX_COMMAND_NAME_LEN: usize = 128;
+
+/// How long sending to a device waits after its client reported itself unavailable, unless
+/// the device reconnects first.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+
+/// How many requests may wait for the dispatcher before submitters wait too.
+const REQUEST_QUEUE: usize = 1024;
+
+/// Submission locks: one per shard of device ids, enough to keep unrelated devices apart.
+const LOCK_SHARDS: usize = 64;
+
+/// A command as a caller asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRequest {
+    /// What to do: 1 to 128 bytes, usable as one MQTT topic level (no `/`, `+`, `#`).
+    pub name: String,
+    /// Arguments: any JSON, at most [`MAX_COMMAND_PAYLOAD`] bytes encoded.
+    pub payload: serde_json::Value,
+    /// Expire unless acknowledged within this many milliseconds (`None`: the configured
+    /// default, which may be none).
+    pub ttl_ms: Option<u64>,
+}
+
+/// Why a command operation was refused or failed. [`CommandError::http_status`] is the REST
+/// mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No such device or command (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Bad name, TTL or id, or no client for the device's protocol (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The command is already in a final state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The payload is larger than [`MAX_COMMAND_PAYLOAD`] (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The service is shut down or the store is unavailable (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store failed (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CommandError {
+    /// The HTTP status the REST API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            CommandError::NotFound(_) => 404,
+            CommandError::Invalid(_) => 400,
+            CommandError::Conflict(_) => 409,
+            CommandError::PayloadTooLarge(_) => 413,
+            CommandError::Unavailable(_) => 503,
+            CommandError::Failed(_) => 500,
+        }
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::NotFound(message) => CommandError::NotFound(message),
+            StoreError::Invalid(message) => CommandError::Invalid(message),
+            StoreError::Conflict(message) => CommandError::Conflict(message),
+            StoreError::Unavailable(_) => CommandError::Unavailable(err.to_string()),
+            StoreError::Backend(_) => CommandError::Failed(err.to_string()),
+        }
+    }
+}
+
+/// Checks a command name: it becomes an MQTT topic level for sgframework resources.
+pub fn validate_command_name(name: &str) -> Result<(), CommandError> {
+    let reason = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > MAX_COMMAND_NAME_LEN {
+        Some("is longer than 128 bytes")
+    } else if name.contains(['/', '+', '#', '\0']) {
+        Some("may not contain '/', '+', '#' or NUL (it must fit one MQTT topic level)")
+    } else {
+        None
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(CommandError::Invalid(format!(
+            "command name {name:?} {reason}"
+        ))),
+    }
+}
+
+/// Wall-clock milliseconds that advance with tokio's clock (see the module docs).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    origin: Instant,
+    origin_millis: Millis,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        Clock {
+            origin: Instant::now(),
+            origin_millis: now_millis(),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        let elapsed = i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX / 2);
+        self.origin_millis.saturating_add(elapsed)
+    }
+}
+
+/// Callers of [`CommandService::wait`], by command id; the dispatcher completes them when the
+/// command reaches a final state.
+#[derive(Debug, Default)]
+struct Waiters {
+    by_command: Mutex<HashMap<String, Vec<oneshot::Sender<Command>>>>,
+}
+
+impl Waiters {
+    fn register(&self, id: &str) -> oneshot::Receiver<Command> {
+        let (sender, receiver) = oneshot::channel();
+        self.by_command
+            .lock()
+            .entry(id.to_owned())
+            .or_default()
+            .push(sender);
+        receiver
+    }
+
+    /// Drops registrations whose waiter has gone (timed out or returned early).
+    fn prune(&self, id: &str) {
+        let mut by_command = self.by_command.lock();
+        if let Some(senders) = by_command.get_mut(id) {
+            senders.retain(|sender| !sender.is_closed());
+            if senders.is_empty() {
+                by_command.remove(id);
+            }
+        }
+    }
+
+    fn complete(&self, command: &Command) {
+        let senders = self.by_command.lock().remove(&command.id);
+        for sender in senders.into_iter().flatten() {
+            let _ = sender.send(command.clone());
+        }
+    }
+}
+
+/// Removes a waiter's registration once it no longer listens.
+struct PruneOnDrop<'a> {
+    waiters: &'a Waiters,
+    id: &'a str,
+}
+
+impl Drop for PruneOnDrop<'_> {
+    fn drop(&mut self) {
+        self.waiters.prune(self.id);
+    }
+}
+
+/// What the handle asks of the dispatcher.
+#[derive(Debug)]
+enum Request {
+    /// A command was stored; `stored_online` is the device's presence in the store, used
+    /// until the dispatcher hears a presence change itself.
+    Submitted {
+        command: Box<Command>,
+        device: Box<Device>,
+        stored_online: bool,
+    },
+    Cancel {
+        id: String,
+        reply: oneshot::Sender<Result<Command, CommandError>>,
+    },
+    Presence {
+        device_id: String,
+        online: bool,
+    },
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    polyglot: Polyglot,
+    config: CommandConfig,
+    clock: Clock,
+    waiters: Arc<Waiters>,
+    requests: mpsc::Sender<Request>,
+    submit_locks: Vec<tokio::sync::Mutex<()>>,
+    lock_hasher: std::collections::hash_map::RandomState,
+}
+
+/// The handle to the command service. Cheap to clone; every clone talks to the same
+/// dispatcher task.
+#[derive(Clone)]
+pub struct CommandService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CommandService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandService")
+            .field("protocols", &self.shared.polyglot.protocols())
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CommandService {
+    /// Starts the dispatcher: it reloads the unfinished commands, then serves requests,
+    /// backend `events` and the expiry timer until `shutdown` is cancelled (or every handle
+    /// is dropped). The returned task ends then.
+    pub fn start(
+        store: Arc<dyn Store>,
+        polyglot: Polyglot,
+        events: mpsc::Receiver<BackendEvent>,
+        config: CommandConfig,
+        shutdown: CancellationToken,
+    ) -> (CommandService, JoinHandle<()>) {
+        let (requests, request_receiver) = mpsc::channel(REQUEST_QUEUE);
+        let clock = Clock::start();
+        let waiters = Arc::new(Waiters::default());
+        let dispatcher = Dispatcher {
+            store: store.clone(),
+            polyglot: polyglot.clone(),
+            config: config.clone(),
+            clock,
+            waiters: waiters.clone(),
+            devices: HashMap::new(),
+            index: HashMap::new(),
+            expiries: BTreeSet::new(),
+            blocked: BTreeSet::new(),
+        };
+        let task = tokio::spawn(dispatcher.run(request_receiver, events, shutdown));
+        let shared = Shared {
+            store,
+            polyglot,
+            config,
+            clock,
+            waiters,
+            requests,
+            submit_locks: (0..LOCK_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            lock_hasher: std::collections::hash_map::RandomState::new(),
+        };
+        (
+            CommandService {
+                shared: Arc::new(shared),
+            },
+            task,
+        )
+    }
+
+    /// Stores a command for a device (state `queued`), then hands it to the dispatcher, which
+    /// sends it when the device is online and every earlier command of the device has gone.
+    ///
+    /// Errors: `NotFound` (device), `Invalid` (name, TTL, no client for the protocol),
+    /// `PayloadTooLarge`, `Unavailable` (service shut down, store unavailable).
+    pub async fn submit(
+        &self,
+        device_id: &str,
+        request: CommandRequest,
+    ) -> Result<Command, CommandError> {
+        let shared = &self.shared;
+        if shared.requests.is_closed() {
+            return Err(service_stopped());
+        }
+        validate_command_name(&request.name)?;
+        let payload_len = serde_json::to_vec(&request.payload)
+            .map_err(|err| CommandError::Invalid(format!("command payload: {err}")))?
+            .len();
+        if payload_len > MAX_COMMAND_PAYLOAD {
+            return Err(CommandError::PayloadTooLarge(format!(
+                "command payload is {payload_len} bytes of JSON, more than the {MAX_COMMAND_PAYLOAD} allowed"
+            )));
+        }
+        let ttl_ms = request.ttl_ms.or(shared.config.default_ttl_ms);
+        if ttl_ms == Some(0) {
+            return Err(CommandError::Invalid(
+                "ttl_ms must be at least 1".to_owned(),
+            ));
+        }
+        let device = shared.store.get_device(device_id).await?;
+        if shared.polyglot.client(&device.protocol).is_none() {
+            return Err(CommandError::Invalid(format!(
+                "no polyglot client for protocol {:?}",
+                device.protocol
+            )));
+        }
+        let stored_online = match shared.store.get_presence(device_id).await {
+            Ok(presence) => presence.online,
+            Err(err) => {
+                tracing::debug!(device = device_id, error = %err, "no stored presence");
+                false
+            }
+        };
+
+        let _order = shared.submit_locks[self.lock_shard(device_id)].lock().await;
+        let created_at = shared.clock.now();
+        let expires_at =
+            ttl_ms.map(|ttl| created_at.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)));
+        let command = shared
+            .store
+            .create_command(NewCommandRecord {
+                id: new_command_id(created_at),
+                device_id: device.id.clone(),
+                hub_id: device.hub_id.clone(),
+                protocol: device.protocol.clone(),
+                name: request.name,
+                payload: request.payload,
+                created_at,
+                expires_at,
+            })
+            .await?;
+        count_transition(&command.protocol, CommandState::Queued);
+        let submitted = Request::Submitted {
+            command: Box::new(command.clone()),
+            device: Box::new(device),
+            stored_online,
+        };
+        if shared.requests.send(submitted).await.is_err() {
+            // Stored all the same: the next start sends it.
+            tracing::warn!(command = %command.id, "command service stopped; the command stays queued");
+        }
+        Ok(command)
+    }
+
+    /// The command as stored now.
+    pub async fn get(&self, id: &str) -> Result<Command, CommandError> {
+        Ok(self.shared.store.get_command(id).await?)
+    }
+
+    /// Waits until the command is acknowledged or otherwise final, or until `timeout` (capped
+    /// at `max_wait_ms`) passes, and returns it as it is then.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Command, CommandError> {
+        let shared = &self.shared;
+        let timeout = timeout.min(self.max_wait());
+        // Declared before the registration so that it runs after the receiver is dropped,
+        // however this future ends (including being dropped by an impatient caller).
+        let _prune = PruneOnDrop {
+            waiters: &shared.waiters,
+            id,
+        };
+        // Registered before reading, so a change landing in between is not missed.
+        let settled = shared.waiters.register(id);
+        let current = shared.store.get_command(id).await?;
+        if current.state.is_final() {
+            return Ok(current);
+        }
+        match tokio::time::timeout(timeout, settled).await {
+            Ok(Ok(command)) => Ok(command),
+            // Timed out, or the dispatcher stopped: answer with what is stored.
+            _ => Ok(shared.store.get_command(id).await?),
+        }
+    }
+
+    /// Cancels a command that is not final yet. Errors: `NotFound`, `Conflict` (already
+    /// final), `Unavailable`.
+    pub async fn cancel(&self, id: &str) -> Result<Command, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Cancel {
+            id: id.to_owned(),
+            reply,
+        };
+        self.shared
+            .requests
+            .send(request)
+            .await
+            .map_err(|_| service_stopped())?;
+        answer.await.map_err(|_| service_stopped())?
+    }
+
+    /// A device connected (presence the binary forwards from the hub): its queued commands go
+    /// out in order.
+    pub async fn device_online(&self, device_id: &str) {
+        self.device_presence(device_id, true).await;
+    }
+
+    /// A device connected or disconnected, as the hub saw it. Unlike a backend's
+    /// [`BackendEvent::Presence`], this is not written to the store (the hub already did).
+    pub async fn device_presence(&self, device_id: &str, online: bool) {
+        let request = Request::Presence {
+            device_id: device_id.to_owned(),
+            online,
+        };
+        if self.shared.requests.send(request).await.is_err() {
+            tracing::debug!(
+                device = device_id,
+                "command service stopped; presence dropped"
+            );
+        }
+    }
+
+    /// The longest [`CommandService::wait`] waits.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.shared.config.max_wait_ms)
+    }
+
+    /// The protocols commands can be sent over.
+    pub fn protocols(&self) -> Vec<&str> {
+        self.shared.polyglot.protocols()
+    }
+
+    fn lock_shard(&self, device_id: &str) -> usize {
+        let mut hasher = self.shared.lock_hasher.build_hasher();
+        hasher.write(device_id.as_bytes());
+        usize::try_from(hasher.finish() % LOCK_SHARDS as u64).unwrap_or(0)
+    }
+}
+
+fn service_stopped() -> CommandError {
+    CommandError::Unavailable("the command service is not running".to_owned())
+}
+
+fn state_label(state: CommandState) -> &'static str {
+    match state {
+        CommandState::Queued => "queued",
+        CommandState::Sent => "sent",
+        CommandState::Delivered => "delivered",
+        CommandState::Acknowledged => "acknowledged",
+        CommandState::Expired => "expired",
+        CommandState::Failed => "failed",
+        CommandState::Cancelled => "cancelled",
+    }
+}
+
+fn count_transition(protocol: &str, state: CommandState) {
+    metrics::counter!(
+        "polyhub_commands_total",
+        "protocol" => protocol.to_owned(),
+        "state" => state_label(state)
+    )
+    .increment(1);
+}
+
+fn count_ignored_reply(reason: &'static str) {
+    metrics::counter!("polyhub_command_replies_ignored_total", "reason" => reason).increment(1);
+}
+
+const UNFINISHED: [CommandState; 3] = [
+    CommandState::Queued,
+    CommandState::Sent,
+    CommandState::Delivered,
+];
+
+/// One device's unfinished commands and what the dispatcher knows of its connection.
+#[derive(Debug, Default)]
+struct DeviceSlot {
+    /// As last read from the store (refreshed by every submission).
+    device: Option<Device>,
+    /// The last presence heard (events, the hub), else the stored one.
+    online: Option<bool>,
+    /// Whether `online` came from a presence change rather than from the store.
+    presence_heard: bool,
+    /// To send, by seq: `queued` ones, and `sent`/`delivered` ones to send again after a
+    /// restart.
+    pending: BTreeMap<i64, Command>,
+    /// Sent and awaiting an answer, by seq.
+    inflight: BTreeMap<i64, Command>,
+    /// Sending is paused until then after the client reported itself unavailable.
+    retry_at: Option<Instant>,
+}
+
+impl DeviceSlot {
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.inflight.is_empty()
+    }
+}
+
+/// The task that owns the lifecycle.
+struct Dispatcher {
+    store: Arc<dyn Store>,
+    polyglot: Polyglot,
+    config: CommandConfig,
+    clock: Clock,
+    waiters: Arc<Waiters>,
+    devices: HashMap<String, DeviceSlot>,
+    /// Where each unfinished command is kept: id → (device, seq).
+    index: HashMap<String, (String, i64)>,
+    /// Unfinished commands with a TTL, by expiry time.
+    expiries: BTreeSet<(Millis, String)>,
+    /// Devices whose sending is paused after an unavailable client.
+    blocked: BTreeSet<String>,
+}
+
+impl Dispatcher {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        mut events: mpsc::Receiver<BackendEvent>,
+        shutdown: CancellationToken,
+    ) {
+        self.recover().await;
+        let mut ticks =
+            tokio::time::interval(Duration::from_millis(self.config.expiry_check_ms.max(1)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events_open = true;
+        loop {
+            // Unbiased: a flood of submissions must not starve the replies that finish them.
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                request = requests.recv() => match request {
+                    Some(request) => self.handle_request(request).await,
+                    None => break,
+                },
+                event = events.recv(), if events_open => match event {
+                    Some(event) => self.handle_event(event).await,
+                    // Every client is gone; requests and expiry still work.
+                    None => events_open = false,
+                },
+                _ = ticks.tick() => self.on_tick().await,
+            }
+        }
+        tracing::debug!("command dispatcher stopped");
+    }
+
+    /// Reloads what was unfinished when polyhub stopped.
+    async fn recover(&mut self) {
+        let commands = match self.store.unfinished_commands().await {
+            Ok(commands) => commands,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot reload unfinished commands; they stay stored until the next start");
+                return;
+            }
+        };
+        if !commands.is_empty() {
+            tracing::info!(count = commands.len(), "reloaded unfinished commands");
+        }
+        let mut device_ids = BTreeSet::new();
+        for command in commands {
+            if !self.devices.contains_key(&command.device_id) {
+                let device = self.store.get_device(&command.device_id).await.ok();
+                let online = match self.store.get_presence(&command.device_id).await {
+                    Ok(presence) => Some(presence.online),
+                    Err(_) => None,
+                };
+                self.devices.insert(
+                    command.device_id.clone(),
+                    DeviceSlot {
+                        device,
+                        online,
+                        ..DeviceSlot::default()
+                    },
+                );
+            }
+            device_ids.insert(command.device_id.clone());
+            self.track_pending(command);
+        }
+        for device_id in device_ids {
+            self.dispatch(&device_id).await;
+        }
+    }
+
+    async fn handle_request(&mut self, request: Request) {
+        match request {
+            Request::Submitted {
+                command,
+                device,
+                stored_online,
+            } => {
+                let device_id = command.device_id.clone();
+                let slot = self.devices.entry(device_id.clone()).or_default();
+                slot.device = Some(*device);
+                if !slot.presence_heard {
+                    slot.online = Some(stored_online);
+                }
+                self.track_pending(*command);
+                self.dispatch(&device_id).await;
+            }
+            Request::Cancel { id, reply } => {
+                let outcome = self.cancel(&id).await;
+                let _ = reply.send(outcome);
+            }
+            Request::Presence { device_id, online } => {
+                self.presence_changed(&device_id, online).await;
+            }
+        }
+    }
+
+    async fn handle_event(&mut self, event: BackendEvent) {
+        match event {
+            BackendEvent::Presence {
+                device_id,
+                online,
+                at,
+            } => {
+                match self.store.set_presence(&device_id, online, at).await {
+                    Ok(()) => {}
+                    Err(StoreError::NotFound(_)) => {
+                        tracing::debug!(device = %device_id, "presence of an unregistered device ignored");
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::warn!(device = %device_id, error = %err, "cannot record presence")
+                    }
+                }
+                self.presence_changed(&device_id, online).await;
+            }
+            BackendEvent::Telemetry {
+                device_id,
+                values,
+                at,
+            } => self.store_telemetry(device_id, values, at).await,
+            BackendEvent::Delivered { command_id, .. } => {
+                let Some(command) = self.tracked(&command_id).cloned() else {
+                    tracing::debug!(command = %command_id, "delivery of an untracked command ignored");
+                    return;
+                };
+                if command.state == CommandState::Sent {
+                    let change = transition(
+                        &command,
+                        &[CommandState::Sent],
+                        CommandState::Delivered,
+                        self.clock.now(),
+                    );
+                    self.apply(&command, change).await;
+                }
+            }
+            BackendEvent::Reply {
+                device_id,
+                command_id,
+                name,
+                ok,
+                reply,
+                reason,
+                ..
+            } => {
+                let Some(command) =
+                    self.reply_target(&device_id, command_id.as_deref(), name.as_deref())
+                else {
+                    return;
+                };
+                let mut change = if ok {
+                    transition(
+                        &command,
+                        &UNFINISHED,
+                        CommandState::Acknowledged,
+                        self.clock.now(),
+                    )
+                } else {
+                    let mut change = transition(
+                        &command,
+                        &UNFINISHED,
+                        CommandState::Failed,
+                        self.clock.now(),
+                    );
+                    change.reason =
+                        Some(reason.unwrap_or_else(|| "the device reported an error".to_owned()));
+                    change
+                };
+                change.reply = reply;
+                if let Some(acknowledged) = self.apply(&command, change).await
+                    && acknowledged.state == CommandState::Acknowledged
+                {
+                    let roundtrip = acknowledged
+                        .acknowledged_at
+                        .unwrap_or_else(|| self.clock.now())
+                        .saturating_sub(acknowledged.created_at)
+                        .max(0);
+                    metrics::histogram!(
+                        "polyhub_command_roundtrip_seconds",
+                        "protocol" => acknowledged.protocol.clone()
+                    )
+                    .record(roundtrip as f64 / 1000.0);
+                }
+            }
+        }
+    }
+
+    /// Which tracked command a device's answer is for: the one it names, or (sgframework
+    /// echo) the oldest sent one of that name.
+    fn reply_target(
+        &self,
+        device_id: &str,
+        command_id: Option<&str>,
+        name: Option<&str>,
+    ) -> Option<Command> {
+        if let Some(command_id) = command_id {
+            return match self.tracked(command_id) {
+                Some(command) if command.device_id == device_id => Some(command.clone()),
+                Some(_) => {
+                    tracing::info!(
+                        device = device_id,
+                        command = command_id,
+                        "reply from another device than the command's ignored"
+                    );
+                    count_ignored_reply("wrong_device");
+                    None
+                }
+                None => {
+                    tracing::info!(
+                        device = device_id,
+                        command = command_id,
+                        "reply to an unknown or finished command ignored"
+                    );
+                    count_ignored_reply("unknown_command");
+                    None
+                }
+            };
+        }
+        let Some(name) = name else {
+            count_ignored_reply("malformed");
+            return None;
+        };
+        // An echo with nothing sent under that name is plain telemetry: not worth a log line.
+        self.devices.get(device_id).and_then(|slot| {
+            slot.inflight
+                .values()
+                .find(|command| command.name == name)
+                .cloned()
+        })
+    }
+
+    async fn presence_changed(&mut self, device_id: &str, online: bool) {
+        match self.devices.get_mut(device_id) {
+            Some(slot) if !online && slot.is_idle() => {
+                self.devices.remove(device_id);
+            }
+            Some(slot) => {
+                slot.online = Some(online);
+                slot.presence_heard = true;
+                if online {
+                    // A reconnect is the moment to retry an unavailable client.
+                    slot.retry_at = None;
+                    self.blocked.remove(device_id);
+                }
+            }
+            // Remembered so that a command submitted right after is sent without waiting
+            // for the next connection; offline devices without commands need no slot.
+            None if online => {
+                self.devices.insert(
+                    device_id.to_owned(),
+                    DeviceSlot {
+                        online: Some(true),
+                        presence_heard: true,
+                        ..DeviceSlot::default()
+                    },
+                );
+            }
+            None => {}
+        }
+        if online {
+            self.dispatch(device_id).await;
+        }
+    }
+
+    async fn store_telemetry(
+        &mut self,
+        device_id: String,
+        values: Vec<(String, Value)>,
+        at: Millis,
+    ) {
+        let hub_id = match self
+            .devices
+            .get(&device_id)
+            .and_then(|slot| slot.device.as_ref())
+        {
+            Some(device) => device.hub_id.clone(),
+            None => match self.store.get_device(&device_id).await {
+                Ok(device) => device.hub_id,
+                Err(err) => {
+                    tracing::debug!(device = %device_id, error = %err, "telemetry of an unknown device ignored");
+                    return;
+                }
+            },
+        };
+        let rows = values
+            .into_iter()
+            .map(|(signal, value)| TelemetryRow {
+                device_id: device_id.clone(),
+                signal,
+                ts: at,
+                value,
+            })
+            .collect();
+        let batch = IngestBatch {
+            hub_id,
+            messages: vec![IngestedMessage {
+                seq: None,
+                device_id: Some(device_id.clone()),
+                received_at: at,
+                rows,
+                dead_letter: None,
+            }],
+        };
+        if let Err(err) = self.store.write_batch(batch).await {
+            tracing::warn!(device = %device_id, error = %err, "cannot store telemetry");
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let now = self.clock.now();
+        while let Some((expires_at, id)) = self.expiries.first().cloned() {
+            if expires_at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            if let Some(command) = self.tracked(&id).cloned() {
+                let mut change = transition(
+                    &command,
+                    &UNFINISHED,
+                    CommandState::Expired,
+                    self.clock.now(),
+                );
+                change.reason = Some(if command.state == CommandState::Queued {
+                    "expired before it could be sent".to_owned()
+                } else {
+                    "expired before the device acknowledged it".to_owned()
+                });
+                self.apply(&command, change).await;
+            }
+        }
+        // A safety net for presence nobody forwarded: a client that knows its devices'
+        // connections (the MQTT client's presence table, XMPP presence) is asked again.
+        let connected: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(device_id, slot)| {
+                slot.retry_at.is_none()
+                    && slot
+                        .pending
+                        .values()
+                        .next()
+                        .and_then(|command| self.polyglot.client(&command.protocol))
+                        .is_some_and(|client| client.is_online(device_id) == Some(true))
+            })
+            .map(|(device_id, _)| device_id.clone())
+            .collect();
+        for device_id in connected {
+            self.dispatch(&device_id).await;
+        }
+        let instant = Instant::now();
+        let due: Vec<String> = self
+            .blocked
+            .iter()
+            .filter(|device_id| {
+                self.devices
+                    .get(*device_id)
+                    .is_none_or(|slot| slot.retry_at.is_none_or(|at| at <= instant))
+            })
+            .cloned()
+            .collect();
+        for device_id in due {
+            self.blocked.remove(&device_id);
+            if let Some(slot) = self.devices.get_mut(&device_id) {
+                slot.retry_at = None;
+            }
+            self.dispatch(&device_id).await;
+        }
+    }
+
+    async fn cancel(&mut self, id: &str) -> Result<Command, CommandError> {
+        let command = match self.tracked(id) {
+            Some(command) => command.clone(),
+            // Not in memory: finished, unknown, or stored by another process. The store
+            // answers which (and cancels it in the last case).
+            None => self.store.get_command(id).await?,
+        };
+        let mut change = transition(
+            &command,
+            &UNFINISHED,
+            CommandState::Cancelled,
+            self.clock.now(),
+        );
+        change.reason = Some("cancelled".to_owned());
+        match self.store.transition_command(change).await {
+            Ok(cancelled) => {
+                self.settled(&command, cancelled.clone());
+                Ok(cancelled)
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Sends what a device has pending, in order, while it is online.
+    async fn dispatch(&mut self, device_id: &str) {
+        loop {
+            let Some(slot) = self.devices.get(device_id) else {
+                return;
+            };
+            if slot.retry_at.is_some() {
+                return;
+            }
+            let Some(command) = slot.pending.values().next().cloned() else {
+                return;
+            };
+            if command.expires_at.is_some_and(|at| at <= self.clock.now()) {
+                let mut change = transition(
+                    &command,
+                    &UNFINISHED,
+                    CommandState::Expired,
+                    self.clock.now(),
+                );
+                change.reason = Some("expired before it could be sent".to_owned());
+                if self.apply(&command, change).await.is_none() {
+                    self.forget(&command.id);
+                }
+                continue;
+            }
+            let Some(client) = self.polyglot.client(&command.protocol) else {
+                // The configuration changed since it was stored.
+                let reason = format!("no polyglot client for protocol {:?}", command.protocol);
+                self.fail(&command, reason).await;
+                continue;
+            };
+            let Some(device) = slot.device.clone() else {
+                self.fail(
+                    &command,
+                    format!("device {:?} not found", command.device_id),
+                )
+                .await;
+                continue;
+            };
+            if !is_online(client.as_ref(), device_id, slot) {
+                return;
+            }
+            match client.send_command(&device, &command).await {
+                Ok(outcome) => self.sent(command, outcome).await,
+                Err(BackendError::Unavailable(reason)) => {
+                    tracing::debug!(device = device_id, %reason, "client unavailable; commands stay queued");
+                    if let Some(slot) = self.devices.get_mut(device_id) {
+                        slot.retry_at = Some(Instant::now() + UNAVAILABLE_RETRY);
+                    }
+                    self.blocked.insert(device_id.to_owned());
+                    return;
+                }
+                Err(err) => {
+                    tracing::info!(device = device_id, command = %command.id, error = %err, "command refused by its client");
+                    self.fail(&command, err.to_string()).await;
+                }
+            }
+        }
+    }
+
+    /// Records a successful hand-over and moves the command to the in-flight set.
+    async fn sent(&mut self, command: Command, outcome: SendOutcome) {
+        let change = transition(
+            &command,
+            &[command.state],
+            CommandState::Sent,
+            self.clock.now(),
+        );
+        let mut current = match self.apply(&command, change).await {
+            Some(current) => current,
+            None => {
+                // The store refused or failed; it did go out, so track it as sent.
+                let mut current = command.clone();
+                current.state = CommandState::Sent;
+                current
+            }
+        };
+        if current.state.is_final() {
+            return;
+        }
+        if outcome == SendOutcome::Delivered && current.state == CommandState::Sent {
+            let change = transition(
+                &current,
+                &[CommandState::Sent],
+                CommandState::Delivered,
+                self.clock.now(),
+            );
+            if let Some(delivered) = self.apply(&current, change).await {
+                current = delivered;
+            }
+            if current.state.is_final() {
+                return;
+            }
+        }
+        if let Some(slot) = self.devices.get_mut(&current.device_id) {
+            slot.pending.remove(&current.seq);
+            slot.inflight.insert(current.seq, current);
+        }
+    }
+
+    async fn fail(&mut self, command: &Command, reason: String) {
+        let mut change = transition(command, &UNFINISHED, CommandState::Failed, self.clock.now());
+        change.reason = Some(reason);
+        if self.apply(command, change).await.is_none() {
+            // Never leave a command at the head of the queue that cannot go anywhere.
+            self.forget(&command.id);
+        }
+    }
+
+    /// Applies a transition through the store (the one place states change) and mirrors it
+    /// in memory. `None` if the store refused or failed (logged).
+    async fn apply(&mut self, command: &Command, change: CommandTransition) -> Option<Command> {
+        let to = change.to;
+        match self.store.transition_command(change).await {
+            Ok(updated) => {
+                self.settled(command, updated.clone());
+                Some(updated)
+            }
+            Err(StoreError::Conflict(message)) => {
+                // Moved by someone else (another process on the same store): adopt it.
+                tracing::debug!(command = %command.id, %message, "transition refused");
+                match self.store.get_command(&command.id).await {
+                    Ok(current) => self.settled(command, current),
+                    Err(StoreError::NotFound(_)) => self.forget(&command.id),
+                    Err(_) => {}
+                }
+                None
+            }
+            Err(StoreError::NotFound(_)) => {
+                self.forget(&command.id);
+                None
+            }
+            Err(err) => {
+                tracing::warn!(command = %command.id, to = state_label(to), error = %err, "cannot record a command transition");
+                None
+            }
+        }
+    }
+
+    /// Mirrors a command's new stored state: counted, waiters completed when final, and
+    /// forgotten then.
+    fn settled(&mut self, before: &Command, after: Command) {
+        if after.state != before.state {
+            count_transition(&after.protocol, after.state);
+        }
+        if after.state.is_final() {
+            self.forget(&after.id);
+            self.waiters.complete(&after);
+        } else if let Some(slot) = self.devices.get_mut(&after.device_id) {
+            if let Some(kept) = slot.pending.get_mut(&after.seq) {
+                *kept = after;
+            } else if let Some(kept) = slot.inflight.get_mut(&after.seq) {
+                *kept = after;
+            }
+        }
+    }
+
+    fn track_pending(&mut self, command: Command) {
+        if let Some(expires_at) = command.expires_at {
+            self.expiries.insert((expires_at, command.id.clone()));
+        }
+        self.index
+            .insert(command.id.clone(), (command.device_id.clone(), command.seq));
+        self.devices
+            .entry(command.device_id.clone())
+            .or_default()
+            .pending
+            .insert(command.seq, command);
+    }
+
+    fn tracked(&self, id: &str) -> Option<&Command> {
+        let (device_id, seq) = self.index.get(id)?;
+        let slot = self.devices.get(device_id)?;
+        slot.pending.get(seq).or_else(|| slot.inflight.get(seq))
+    }
+
+    fn forget(&mut self, id: &str) {
+        let Some((device_id, seq)) = self.index.remove(id) else {
+            return;
+        };
+        if let Some(slot) = self.devices.get_mut(&device_id) {
+            if let Some(command) = slot
+                .pending
+                .remove(&seq)
+                .or_else(|| slot.inflight.remove(&seq))
+                && let Some(expires_at) = command.expires_at
+            {
+                self.expiries.remove(&(expires_at, command.id));
+            }
+            // Keep a slot whose presence was heard: it saves a store read and the
+            // presence race on the next submission.
+            if slot.is_idle() && slot.online != Some(true) {
+                self.devices.remove(&device_id);
+                self.blocked.remove(&device_id);
+            }
+        }
+    }
+}
+
+/// The client's view wins; otherwise the last presence heard (or stored).
+fn is_online(client: &dyn BackendClient, device_id: &str, slot: &DeviceSlot) -> bool {
+    client.is_online(device_id).or(slot.online).unwrap_or(false)
+}
+
+fn transition(
+    command: &Command,
+    from: &[CommandState],
+    to: CommandState,
+    at: Millis,
+) -> CommandTransition {
+    CommandTransition {
+        id: command.id.clone(),
+        from: from.to_vec(),
+        to,
+        at,
+        reason: None,
+        reply: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoned_wait_leaves_no_registration_behind() {
+        let waiters = Waiters::default();
+        {
+            let _prune = PruneOnDrop {
+                waiters: &waiters,
+                id: "cmd-1",
+            };
+            let _receiver = waiters.register("cmd-1");
+            assert_eq!(waiters.by_command.lock().len(), 1);
+        }
+        assert!(waiters.by_command.lock().is_empty());
+    }
+
+    #[test]
+    fn pruning_keeps_the_waiters_still_listening() {
+        let waiters = Waiters::default();
+        let listening = waiters.register("cmd-1");
+        drop(waiters.register("cmd-1"));
+        waiters.prune("cmd-1");
+        assert_eq!(
+            waiters.by_command.lock().get("cmd-1").map(Vec::len),
+            Some(1)
+        );
+        drop(listening);
+        waiters.prune("cmd-1");
+        assert!(waiters.by_command.lock().is_empty());
+    }
+}
