@@ -100,18 +100,9 @@ def now_us() -> int:
 
 
 class PolyhubRaw(Polyhub):
-    """polyhub with no hub. A binary that serves the REST API gets it on a free port, so that the
-    default 127.0.0.1:8080 can neither clash with another process nor be needed."""
+    """polyhub with no hub (run.py's Polyhub already puts the REST API on a free port)."""
 
     kind = "polyhub-raw"
-
-    def __init__(self, label: str, cpu: int | None, binary: str) -> None:
-        super().__init__(label, cpu, binary)
-        help_text = subprocess.run([binary, "run", "--help"], capture_output=True, text=True, timeout=10).stdout
-        self.has_http = "--http-listen" in help_text
-
-    def command(self) -> list[str]:
-        return super().command() + (["--http-listen", "127.0.0.1:0"] if self.has_http else [])
 
 
 class PolyhubHub(Polyhub):
@@ -122,9 +113,6 @@ class PolyhubHub(Polyhub):
     def __init__(self, label: str, cpu: int | None, binary: str) -> None:
         super().__init__(label, cpu, binary)
         self.http_port = 0
-
-    def command(self) -> list[str]:
-        return super().command() + ["--http-listen", "127.0.0.1:0"]
 
     def is_ready(self) -> bool:
         text = self.log_path.read_text(errors="replace")

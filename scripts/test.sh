@@ -64,6 +64,7 @@ import sys
 import paho.mqtt
 import pytest  # noqa: F401
 import sgframework  # noqa: F401
+import slixmpp  # noqa: F401
 
 # The interop tests use paho-mqtt's 1.x API, the one sgframework is written against.
 sys.exit(0 if paho.mqtt.__version__.startswith("1.") else 1)
@@ -76,6 +77,7 @@ debian_packages=()
 command -v mosquitto >/dev/null || debian_packages+=(mosquitto)
 { command -v mosquitto_pub && command -v mosquitto_sub; } >/dev/null || debian_packages+=(mosquitto-clients)
 command -v openssl >/dev/null || debian_packages+=(openssl)
+command -v prosody >/dev/null || debian_packages+=(prosody)
 command -v python3 >/dev/null || debian_packages+=(python3)
 { command -v python3 >/dev/null && python3 -m pip --version; } >/dev/null 2>&1 || debian_packages+=(python3-pip)
 if ((${#debian_packages[@]})); then
@@ -85,16 +87,18 @@ if ((${#debian_packages[@]})); then
         apt-get install -y -qq --no-install-recommends "${debian_packages[@]}"
 fi
 if ! python_peers_present; then
-    echo "installing from PyPI: paho-mqtt<2 pytest sgframework"
+    echo "installing from PyPI: paho-mqtt<2 pytest sgframework slixmpp"
     # PIP_BREAK_SYSTEM_PACKAGES: Debian's own python3 refuses pip installs without it; this
     # script's job is precisely to put these two packages where python3 finds them.
     PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        python3 -m pip install --quiet "paho-mqtt<2" pytest sgframework
-    python_peers_present || { echo "paho-mqtt 1.x, pytest or sgframework still not importable" >&2; false; }
+        python3 -m pip install --quiet "paho-mqtt<2" pytest sgframework slixmpp
+    python_peers_present || { echo "paho-mqtt 1.x, pytest, sgframework or slixmpp still not importable" >&2; false; }
 fi
 peers="$(mosquitto -h 2>/dev/null | head -n1 || true)"
 peers+="; paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)')"
 peers+="; pytest $(python3 -c 'import pytest; print(pytest.__version__)')"
+peers+="; slixmpp $(python3 -c 'import slixmpp; print(slixmpp.__version__)' 2>/dev/null)"
+peers+="; $(dpkg-query -W -f 'prosody ${Version}' prosody 2>/dev/null || echo prosody)"
 echo "$peers"
 step_done "$peers"
 

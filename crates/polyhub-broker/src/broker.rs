@@ -360,6 +360,15 @@ impl Broker {
             .collect()
     }
 
+    /// Whether the session of `client_id` holds any subscription (`None`: no such session).
+    /// The command service asks before sending to a device that just connected: until it has
+    /// subscribed, a command published to it would reach nobody.
+    pub fn client_has_subscriptions(&self, client_id: &str) -> Option<bool> {
+        let session = self.shared.sessions.lock().get(client_id).cloned()?;
+        let state = session.state.lock();
+        Some(state.subscriptions.iter().next().is_some())
+    }
+
     /// The sequence number of the most recently routed message (see [`LocalMessage::seq`]).
     ///
     /// [`LocalMessage::seq`]: crate::LocalMessage::seq

@@ -87,8 +87,17 @@ pub(crate) async fn start(
 
     // Polyglot: the protocol clients from `[polyglot.*]`, built through the registry of the
     // factories this binary knows, and the command service over them.
-    let online = PresenceTable::default();
-    let registry = ClientRegistry::new().with(Box::new(MqttClientFactory::new(online.clone())));
+    // A device counts as reachable once it has subscribed (clients that are not devices, such
+    // as sgframework resource names, are not held back).
+    let subscriptions = broker.clone();
+    let online = PresenceTable::with_readiness(Arc::new(move |device_id: &str| {
+        subscriptions
+            .client_has_subscriptions(device_id)
+            .unwrap_or(true)
+    }));
+    let registry = ClientRegistry::new()
+        .with(Box::new(MqttClientFactory::new(online.clone())))
+        .with(Box::new(polyhub_xmpp::XmppClientFactory));
     let (events, backend_events) = mpsc::channel::<BackendEvent>(4096);
     let context = FactoryContext {
         events,

@@ -60,20 +60,48 @@ const SGFRAMEWORK_PRESENCE_FILTER: &str = "resourceavailable/+/presence";
 
 /// Devices' presence as far as MQTT clients know it: fed by the binary from the broker's
 /// presence events, read by [`BackendClient::is_online`]. Cheap to clone (shared).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct PresenceTable {
     online: Arc<RwLock<HashMap<String, bool>>>,
+    ready: Option<Readiness>,
+}
+
+/// Whether a connected device can be sent to yet (see [`PresenceTable::with_readiness`]).
+pub type Readiness = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for PresenceTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceTable")
+            .field("online", &self.online)
+            .field("ready", &self.ready.is_some())
+            .finish()
+    }
 }
 
 impl PresenceTable {
+    /// A table that counts a connected device as reachable only once `ready(device_id)` says
+    /// so. A device connecting without a stored session subscribes to its command topic only
+    /// after the broker accepted the connection; a command sent in between would reach nobody.
+    pub fn with_readiness(ready: Readiness) -> PresenceTable {
+        PresenceTable {
+            online: Arc::default(),
+            ready: Some(ready),
+        }
+    }
+
     /// Records that `device_id` (an MQTT client id) connected or disconnected.
     pub fn set(&self, device_id: &str, online: bool) {
         self.online.write().insert(device_id.to_owned(), online);
     }
 
-    /// The last presence recorded for `device_id` (`None`: never heard of).
+    /// The last presence recorded for `device_id` (`None`: never heard of); a connected device
+    /// that is not ready yet counts as offline.
     pub fn get(&self, device_id: &str) -> Option<bool> {
-        self.online.read().get(device_id).copied()
+        let online = self.online.read().get(device_id).copied()?;
+        match &self.ready {
+            Some(ready) if online => Some(ready(device_id)),
+            _ => Some(online),
+        }
     }
 }
 
