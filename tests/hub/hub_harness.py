@@ -509,3 +509,207 @@ def command_in_state(api: Api, command_id: str, *states: str, timeout: float = W
         return wait_until(reached, f"command {command_id} in {states}", timeout=timeout)
     except AssertionError as error:
         raise AssertionError(f"{error}; last seen: {last}") from None
+
+
+# ----- issue 5: XMPP (a Prosody server and slixmpp devices) --------------------------------------
+
+XMPP_DOMAIN = "localhost"
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def require_slixmpp() -> None:
+    """Fails (never skips) when this Python cannot run the slixmpp device script."""
+    try:
+        import slixmpp  # noqa: F401
+    except ImportError:
+        raise AssertionError(
+            "slixmpp is not importable by this Python: the XMPP tests need it "
+            "(python3 -m pip install slixmpp; scripts/test.sh installs it)"
+        ) from None
+
+
+class Prosody:
+    """A Prosody on a free port of 127.0.0.1, in `workdir`, without TLS (loopback only) and with
+    in-band registration enabled. `server` is `127.0.0.1:<port>`; `register()` creates accounts
+    with prosodyctl. Missing prosody fails the test with what to install."""
+
+    def __init__(self, workdir: Path):
+        import shutil
+
+        if not (shutil.which("prosody") and shutil.which("prosodyctl")):
+            raise AssertionError(
+                "prosody is not installed: the XMPP tests need it "
+                "(apt-get install -y --no-install-recommends prosody; scripts/test.sh installs it)"
+            )
+        self.workdir = workdir
+        self.port = free_port()
+        self.server = f"{HOST}:{self.port}"
+        self.config = workdir / "prosody.cfg.lua"
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        self.config.write_text(f"""
+run_as_root = true
+pidfile = "{workdir}/prosody.pid"
+data_path = "{workdir}/data"
+log = {{ info = "{workdir}/prosody.log" }}
+interfaces = {{ "{HOST}" }}
+c2s_ports = {{ {self.port} }}
+s2s_ports = {{ }}
+component_ports = {{ }}
+http_ports = {{ }}
+https_ports = {{ }}
+modules_enabled = {{ "roster", "saslauth", "disco", "register", "offline", "ping" }}
+modules_disabled = {{ "s2s", "tls" }}
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+allow_registration = true
+min_seconds_between_registrations = 0
+authentication = "internal_plain"
+VirtualHost "{XMPP_DOMAIN}"
+""")
+        self._process: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Prosody":
+        import socket
+
+        log = open(self.workdir / "stdout.log", "ab")
+        self._process = subprocess.Popen(
+            ["prosody", "--config", str(self.config), "-F"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def listening() -> bool:
+            if self._process.poll() is not None:
+                raise AssertionError(f"prosody exited with {self._process.returncode}\n{self.logs()}")
+            try:
+                socket.create_connection((HOST, self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        try:
+            wait_until(listening, f"prosody listening on {self.server}")
+        except AssertionError as error:
+            self.stop()
+            raise AssertionError(f"{error}\n{self.logs()}") from None
+        return self
+
+    def register(self, user: str, password: str) -> str:
+        """Creates `user@localhost` and returns that JID."""
+        result = subprocess.run(
+            ["prosodyctl", "--config", str(self.config), "register", user, XMPP_DOMAIN, password],
+            capture_output=True, text=True, timeout=WAIT,
+        )
+        assert result.returncode == 0, f"prosodyctl register {user} failed: {result.stdout}{result.stderr}"
+        return f"{user}@{XMPP_DOMAIN}"
+
+    def logs(self) -> str:
+        texts = []
+        for name in ("stdout.log", "prosody.log"):
+            path = self.workdir / name
+            if path.exists():
+                texts.append(path.read_text(errors="replace")[-4000:])
+        return "--- prosody logs ---\n" + "\n".join(texts)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=STOP_TIMEOUT)
+
+
+def xmpp_polyglot_config(prosody: Prosody, hub_jid: str, password: str, section: str = "xmpp") -> str:
+    """A polyhub config file whose `[polyglot.<section>]` logs in to `prosody` as `hub_jid`."""
+    return (
+        f"[polyglot.{section}]\n"
+        f'type = "xmpp"\n'
+        f'jid = "{hub_jid}"\n'
+        f'password = "{password}"\n'
+        f'server = "{prosody.server}"\n'
+        f'device_domain = "{XMPP_DOMAIN}"\n'
+        f"allow_plaintext = true\n"
+        f"send_timeout_ms = 3000\n"
+    )
+
+
+class XmppDevice:
+    """tests/hub/xmpp_device.py, running as `jid`: it answers receipts and commands by itself;
+    `commands` lists the command bodies it received, `telemetry()` makes it send a JSON chat
+    message to the hub, `quit()` logs it out cleanly, `kill()` drops its connection."""
+
+    SCRIPT = Path(__file__).resolve().parent / "xmpp_device.py"
+
+    def __init__(self, prosody: Prosody, jid: str, password: str, hub_jid: str):
+        import sys
+
+        require_slixmpp()
+        self.jid = jid
+        self.commands: list[dict] = []
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._lock = threading.Condition()
+        self._process = subprocess.Popen(
+            [sys.executable, str(self.SCRIPT), jid, password, HOST, str(prosody.port), hub_jid],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self._reader = threading.Thread(target=self._pump, name=f"xmpp-device-{jid}", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(WAIT):
+            self.kill()
+            raise AssertionError(f"the XMPP device {jid} did not log in within {WAIT}s:\n" + "".join(self.lines))
+
+    def _pump(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            with self._lock:
+                self.lines.append(line)
+                if line.startswith("COMMAND "):
+                    self.commands.append(json.loads(line[len("COMMAND "):]))
+                self._lock.notify_all()
+            if line.strip() == "READY":
+                self._ready.set()
+
+    def wait_commands(self, count: int, timeout: float = WAIT) -> list[dict]:
+        """The first `count` command bodies received, once that many arrived."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.commands) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"device {self.jid} received {self.commands}, not {count} commands"
+                self._lock.wait(timeout=min(remaining, 0.2))
+            return list(self.commands[:count])
+
+    def _send_line(self, line: str) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write(line + "\n")
+        self._process.stdin.flush()
+
+    def telemetry(self, values: dict) -> None:
+        self._send_line("telemetry " + json.dumps(values))
+
+    def quit(self) -> None:
+        """Unavailable presence and a closed stream, then the script exits (bounded)."""
+        if self._process.poll() is None:
+            self._send_line("quit")
+            try:
+                self._process.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"the XMPP device {self.jid} did not exit after quit") from None
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=STOP_TIMEOUT)

@@ -66,6 +66,12 @@ pub trait BackendClient: Send + Sync + std::fmt::Debug + 'static {
         let _ = device;
         Ok(())
     }
+    /// A device of this client's protocol was registered: the client starts following it
+    /// (e.g. asks for its XMPP presence) so that it is seen online without a restart.
+    async fn device_added(&self, device: &Device) -> Result<(), BackendError> {
+        let _ = device;
+        Ok(())
+    }
     /// Whether the device is connected, as far as this client knows (`None`: unknown).
     fn is_online(&self, device_id: &str) -> Option<bool>;
 }

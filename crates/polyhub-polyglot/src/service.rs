@@ -415,6 +415,18 @@ impl CommandService {
 
     /// A device connected (presence the binary forwards from the hub): its queued commands go
     /// out in order.
+    /// Tells the client of the device's protocol that the device was registered (see
+    /// [`BackendClient::device_added`]). Devices of a protocol without a client are ignored.
+    pub async fn device_added(&self, device: &polyhub_store::Device) -> Result<(), CommandError> {
+        let Some(client) = self.shared.polyglot.client(&device.protocol) else {
+            return Ok(());
+        };
+        client
+            .device_added(device)
+            .await
+            .map_err(|error| CommandError::Unavailable(error.to_string()))
+    }
+
     pub async fn device_online(&self, device_id: &str) {
         self.device_presence(device_id, true).await;
     }

@@ -189,6 +189,11 @@ impl BackendClient for XmppBackend {
         Ok(SendOutcome::Sent)
     }
 
+    async fn device_added(&self, device: &Device) -> Result<(), BackendError> {
+        // Remembered and asked for its presence now, not at the next login.
+        self.resolve(device).await.map(|_| ())
+    }
+
     async fn provision_device(&self, device: &Device) -> Result<Option<Credentials>, BackendError> {
         let jid = device_jid(device, &self.shared.options.device_domain)
             .map_err(BackendError::Rejected)?;
@@ -417,7 +422,11 @@ impl StreamTask {
             PresenceType::None => Some(true),
             PresenceType::Unavailable | PresenceType::Error => Some(false),
             PresenceType::Subscribe => {
-                self.send(Presence::subscribed().with_to(bare).into()).await;
+                // A device that asks to follow the hub is followed back: its presence then
+                // reaches the hub even if it was registered after the hub logged in.
+                self.send(Presence::subscribed().with_to(bare.clone()).into())
+                    .await;
+                self.send(subscribe(&bare)).await;
                 None
             }
             _ => None,

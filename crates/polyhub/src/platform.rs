@@ -129,7 +129,10 @@ pub(crate) async fn start(
     let router = polyhub_api::router_with_config(
         ApiState {
             store,
-            runtime: Arc::new(ManagerRuntime(manager)),
+            runtime: Arc::new(ManagerRuntime {
+                manager,
+                commands: commands.clone(),
+            }),
             commands: Some(Arc::new(CommandsRuntime(commands))),
             metrics: Some(metrics),
         },
@@ -269,9 +272,13 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
         .map_err(Failure::Runtime)
 }
 
-/// The hub manager as the API sees it.
+/// The hub manager as the API sees it; devices it adds are also announced to the command
+/// service, whose protocol clients may need to follow them (XMPP presence).
 #[derive(Debug)]
-struct ManagerRuntime(HubManager);
+struct ManagerRuntime {
+    manager: HubManager,
+    commands: CommandService,
+}
 
 fn runtime_error(error: HubError) -> RuntimeError {
     match error {
@@ -285,38 +292,49 @@ fn runtime_error(error: HubError) -> RuntimeError {
 #[async_trait]
 impl HubRuntime for ManagerRuntime {
     async fn start_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError> {
-        self.0.start_hub(hub_id).await.map_err(runtime_error)
+        self.manager.start_hub(hub_id).await.map_err(runtime_error)
     }
 
     async fn stop_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError> {
-        self.0.stop_hub(hub_id).await.map_err(runtime_error)
+        self.manager.stop_hub(hub_id).await.map_err(runtime_error)
     }
 
     async fn restart_hub(&self, hub_id: &str) -> Result<ParserStatus, RuntimeError> {
-        self.0.restart_hub(hub_id).await.map_err(runtime_error)
+        self.manager
+            .restart_hub(hub_id)
+            .await
+            .map_err(runtime_error)
     }
 
     async fn device_added(&self, device: &Device) -> Result<(), RuntimeError> {
-        self.0.device_added(device).await.map_err(runtime_error)
+        self.manager
+            .device_added(device)
+            .await
+            .map_err(runtime_error)?;
+        if let Err(error) = self.commands.device_added(device).await {
+            // Not fatal: the client follows the device at its next login at the latest.
+            warn!(device = %device.id, "protocol client not told about the new device: {error}");
+        }
+        Ok(())
     }
 
     async fn device_removed(&self, hub_id: &str, device_id: &str) -> Result<(), RuntimeError> {
-        self.0
+        self.manager
             .device_removed(hub_id, device_id)
             .await
             .map_err(runtime_error)
     }
 
     fn parser_status(&self, hub_id: &str) -> Option<ParserStatus> {
-        self.0.status(hub_id)
+        self.manager.status(hub_id)
     }
 
     fn parsers(&self) -> Vec<ParserStatus> {
-        self.0.statuses()
+        self.manager.statuses()
     }
 
     fn is_ready(&self) -> bool {
-        self.0.is_ready()
+        self.manager.is_ready()
     }
 }
 
