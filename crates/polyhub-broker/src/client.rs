@@ -9,6 +9,7 @@
 //! Each turn handles every packet the read buffer holds, moves queued deliveries into flight
 //! and into the write buffer, and the next wait writes all of it at once.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use polyhub_mqtt::{
     ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
-    PubResponse, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, SubscriptionOptions,
-    UnsubAck, Unsubscribe, decode, topic,
+    PubResponse, Publish, PublishRef, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    SubscriptionOptions, UnsubAck, Unsubscribe, decode, topic,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
@@ -61,6 +62,24 @@ pub(crate) const SEQ_PROPERTY: &str = "polyhub-seq";
 /// Timers for intervals this long or longer are not armed: the session (or delayed will) is
 /// kept until the broker stops.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+thread_local! {
+    /// The vector [`Client::fill`] collects deliveries in, kept per thread so that a wake-up
+    /// with one delivery costs no allocation (connections are many and mostly idle, so they
+    /// keep none of their own).
+    static FILL_SCRATCH: Cell<Vec<(Delivery, u16)>> = const { Cell::new(Vec::new()) };
+}
+
+/// The per-thread fill vector (empty), or a new one while it is in use.
+fn take_fill_scratch() -> Vec<(Delivery, u16)> {
+    FILL_SCRATCH.try_with(Cell::take).unwrap_or_default()
+}
+
+/// Hand the fill vector back, emptied (a delivery kept there would pin its message).
+fn return_fill_scratch(mut batch: Vec<(Delivery, u16)>) {
+    batch.clear();
+    let _ = FILL_SCRATCH.try_with(|scratch| scratch.set(batch));
+}
 
 /// Serve one network connection from its first byte to its close.
 ///
@@ -587,10 +606,12 @@ where
         let mut received = false;
         let result = loop {
             match decode(&mut self.conn.read_buf, self.conn.version, max_packet_size) {
-                Ok(Some(packet)) => {
+                // Handled by reference: a `Packet` is large, and moving it down through the
+                // handlers copied it at every step.
+                Ok(Some(mut packet)) => {
                     received = true;
                     self.counters.packets_in += 1;
-                    if let Err(exit) = self.handle_packet(packet) {
+                    if let Err(exit) = self.handle_packet(&mut packet) {
                         break Err(exit);
                     }
                 }
@@ -604,23 +625,23 @@ where
         result
     }
 
-    fn handle_packet(&mut self, packet: Packet) -> Result<(), Exit> {
+    fn handle_packet(&mut self, packet: &mut Packet) -> Result<(), Exit> {
         match packet {
             Packet::Publish(publish) => self.handle_publish(publish),
             Packet::PubAck(response) => {
-                self.handle_puback(&response);
+                self.handle_puback(response);
                 Ok(())
             }
-            Packet::PubRec(response) => self.handle_pubrec(&response),
-            Packet::PubRel(response) => self.handle_pubrel(&response),
+            Packet::PubRec(response) => self.handle_pubrec(response),
+            Packet::PubRel(response) => self.handle_pubrel(response),
             Packet::PubComp(response) => {
-                self.handle_pubcomp(&response);
+                self.handle_pubcomp(response);
                 Ok(())
             }
             Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => self.handle_unsubscribe(unsubscribe),
             Packet::PingReq => self.send(&Packet::PingResp),
-            Packet::Disconnect(disconnect) => Err(self.handle_disconnect(&disconnect)),
+            Packet::Disconnect(disconnect) => Err(self.handle_disconnect(disconnect)),
             Packet::Connect(_) => Err(Exit::violation(
                 ReasonCode::PROTOCOL_ERROR,
                 "second CONNECT",
@@ -635,12 +656,12 @@ where
         }
     }
 
-    fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
+    fn handle_publish(&mut self, publish: &mut Publish) -> Result<(), Exit> {
         self.counters.publish_in += 1;
         if let Some(aliases) = self.aliases.as_deref_mut() {
             aliases
                 .0
-                .resolve(&mut publish)
+                .resolve(publish)
                 .map_err(|reason| Exit::violation(reason, "invalid topic alias"))?;
         } else if publish.topic.is_empty() {
             return Err(Exit::violation(
@@ -761,7 +782,7 @@ where
         }
     }
 
-    fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
+    fn handle_subscribe(&mut self, subscribe: &Subscribe) -> Result<(), Exit> {
         let identifier = if self.v5 {
             subscribe
                 .properties
@@ -823,7 +844,7 @@ where
         Ok(())
     }
 
-    fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) -> Result<(), Exit> {
+    fn handle_unsubscribe(&mut self, unsubscribe: &Unsubscribe) -> Result<(), Exit> {
         let mut reason_codes = Vec::new();
         for filter in &unsubscribe.filters {
             let existed = self.shared.unsubscribe(&self.session, filter);
@@ -884,8 +905,16 @@ where
     fn fill(&mut self) -> bool {
         self.more_queued = false;
         let now = Instant::now();
+        let mut batch = take_fill_scratch();
+        let taken_over = self.fill_with(&mut batch, now);
+        return_fill_scratch(batch);
+        taken_over
+    }
+
+    /// [`Client::fill`] with a scratch vector for the deliveries taken per lock.
+    fn fill_with(&mut self, batch: &mut Vec<(Delivery, u16)>, now: Instant) -> bool {
         loop {
-            let mut batch: Vec<(Delivery, u16)> = Vec::new();
+            batch.clear();
             let queue_left = {
                 let mut state = self.session.state.lock();
                 if state.taken_over {
@@ -933,7 +962,7 @@ where
                 return false;
             }
             let mut not_sent = Vec::new();
-            for (delivery, packet_id) in &batch {
+            for (delivery, packet_id) in batch.iter() {
                 if !self.encode_publish(delivery, *packet_id, false, now) && *packet_id != 0 {
                     not_sent.push(*packet_id);
                 }
@@ -962,35 +991,41 @@ where
     ) -> bool {
         let message = &delivery.message;
         let mut alias = OutboundAlias::None;
-        let (topic, mut properties) = if let Some(aliases) = self.aliases.as_deref_mut() {
+        let mut topic = message.topic.as_str();
+        // 3.x clients (no aliases) get no properties at all: nothing is built per delivery.
+        let mut properties = None;
+        if let Some(aliases) = self.aliases.as_deref_mut() {
             alias = aliases.1.for_topic(&message.topic);
-            let (topic, topic_alias) = match alias {
-                OutboundAlias::None => (message.topic.clone(), None),
-                OutboundAlias::Define(alias) => (message.topic.clone(), Some(alias)),
-                OutboundAlias::Use(alias) => (String::new(), Some(alias)),
+            let topic_alias = match alias {
+                OutboundAlias::None => None,
+                OutboundAlias::Define(alias) => Some(alias),
+                OutboundAlias::Use(alias) => {
+                    topic = "";
+                    Some(alias)
+                }
             };
-            (
-                topic,
-                message.publish_properties(now, &delivery.subscription_ids, topic_alias),
-            )
-        } else {
-            (message.topic.clone(), Properties::default())
-        };
+            properties =
+                Some(message.publish_properties(now, &delivery.subscription_ids, topic_alias));
+        }
         if self.stamp_seq {
             properties
+                .get_or_insert_with(Properties::default)
                 .user_properties
                 .push((SEQ_PROPERTY.to_owned(), message.seq.to_string()));
         }
-        let packet = Packet::Publish(Publish {
+        let publish = PublishRef {
             dup,
             qos: delivery.qos,
             retain: delivery.retain,
             topic,
             packet_id,
-            payload: message.payload.clone(),
-            properties,
-        });
-        let sent = match self.conn.send_within(&packet, self.max_outbound_packet) {
+            payload: &message.payload,
+            properties: properties.as_ref(),
+        };
+        let sent = match self
+            .conn
+            .send_publish_within(&publish, self.max_outbound_packet)
+        {
             Ok(sent) => sent,
             Err(error) => {
                 tracing::debug!(

@@ -118,11 +118,13 @@ impl Message {
     }
 
     /// The message a client's PUBLISH carries. The topic must already be resolved.
-    pub(crate) fn from_publish(mut publish: Publish, publisher: u64) -> Message {
+    /// It takes the parts it keeps out of `publish` (by reference: a `Publish` is large and the
+    /// receive path would otherwise copy it whole).
+    pub(crate) fn from_publish(publish: &mut Publish, publisher: u64) -> Message {
         let properties = MessageProperties::take_from(&mut publish.properties);
         Message::new(
-            publish.topic,
-            publish.payload,
+            std::mem::take(&mut publish.topic),
+            std::mem::take(&mut publish.payload),
             publish.qos,
             publish.retain,
             publisher,

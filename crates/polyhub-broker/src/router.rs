@@ -6,6 +6,7 @@
 //! queue. It never waits for a subscriber: a slow or offline one only fills its own bounded
 //! queue.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -16,6 +17,12 @@ use crate::broker::Shared;
 use crate::message::{Delivery, Message};
 use crate::session::{Session, SessionKey};
 use crate::subscriptions::Subscription;
+
+thread_local! {
+    /// The vector routing collects targets in, kept per thread so that routing a message
+    /// allocates nothing for it; always left empty (a target holds its session alive).
+    static TARGET_SCRATCH: Cell<Vec<Target>> = const { Cell::new(Vec::new()) };
+}
 
 /// One session a message goes to, merged over all its matching subscriptions.
 struct Target {
@@ -43,16 +50,18 @@ impl Shared {
                 .store(retained.len() as u64, Ordering::Relaxed);
         }
 
-        let mut targets = self.collect_targets(&message);
+        let mut targets = TARGET_SCRATCH.try_with(Cell::take).unwrap_or_default();
+        self.collect_targets(&message, &mut targets);
         let matched = targets.len();
         // The last target takes the message without an extra reference count round trip.
         let last = targets.pop();
-        for target in targets {
+        for target in targets.drain(..) {
             self.deliver(target, Arc::clone(&message));
         }
         if let Some(target) = last {
             self.deliver(target, message);
         }
+        let _ = TARGET_SCRATCH.try_with(|scratch| scratch.set(targets));
         matched
     }
 
@@ -72,8 +81,7 @@ impl Shared {
     /// Matching sessions with the highest QoS of their matching subscriptions, every matching
     /// subscription identifier, and the retain flag per retain-as-published. One entry per
     /// session (MQTT 3.1.1 §3.3.5 requires it; MQTT 5 allows it).
-    fn collect_targets(&self, message: &Message) -> Vec<Target> {
-        let mut targets: Vec<Target> = Vec::new();
+    fn collect_targets(&self, message: &Message, targets: &mut Vec<Target>) {
         {
             let tree = self.subscriptions.read();
             tree.for_each_match(
@@ -93,9 +101,8 @@ impl Shared {
             );
         }
         if targets.len() > 1 {
-            merge_per_session(&mut targets);
+            merge_per_session(targets);
         }
-        targets
     }
 
     /// Add or replace `session`'s subscription to `filter`. Returns whether it is new.
@@ -211,19 +218,16 @@ impl Shared {
 }
 
 /// Merge targets of the same session into one: highest QoS, retain if any asks, all
-/// subscription identifiers.
+/// subscription identifiers. In place: fan-out to many distinct sessions allocates nothing.
 fn merge_per_session(targets: &mut Vec<Target>) {
     targets.sort_unstable_by_key(|target| target.session.0.id);
-    let mut merged: Vec<Target> = Vec::with_capacity(targets.len());
-    for target in targets.drain(..) {
-        match merged.last_mut() {
-            Some(last) if last.session == target.session => {
-                last.qos = last.qos.max(target.qos);
-                last.retain |= target.retain;
-                last.subscription_ids.extend(target.subscription_ids);
-            }
-            _ => merged.push(target),
+    targets.dedup_by(|later, kept| {
+        if later.session != kept.session {
+            return false;
         }
-    }
-    *targets = merged;
+        kept.qos = kept.qos.max(later.qos);
+        kept.retain |= later.retain;
+        kept.subscription_ids.append(&mut later.subscription_ids);
+        true
+    });
 }

@@ -163,8 +163,10 @@ impl<K: Clone + Eq + Hash> SubscriptionTree<K> {
                     None
                 }
                 Some(rest) => {
-                    let (level, after) = match rest.split_once('/') {
-                        Some((level, after)) => (level, Some(after)),
+                    // A byte scan: levels are short, and `split_once` with a char pattern
+                    // costs a generic searcher set-up per level.
+                    let (level, after) = match rest.bytes().position(|byte| byte == b'/') {
+                        Some(slash) => (&rest[..slash], Some(&rest[slash + 1..])),
                         None => (rest, None),
                     };
                     if wildcards_apply && let Some(single_level) = node.single_level.as_deref() {

@@ -20,7 +20,7 @@ pub mod packet;
 pub mod reason;
 pub mod topic;
 
-pub use codec::{decode, encode, encoded_len};
+pub use codec::{decode, encode, encode_publish, encoded_len};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
 pub use reason::ReasonCode;

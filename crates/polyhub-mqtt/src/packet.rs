@@ -252,6 +252,43 @@ pub struct Publish {
     pub properties: Properties,
 }
 
+/// A PUBLISH to encode whose parts are borrowed: lets a sender write a message it shares with
+/// others (topic, payload, properties) without building an owned [`Publish`] per recipient.
+///
+/// [`encode_publish`](crate::encode_publish) writes exactly what [`encode`](crate::encode)
+/// writes for the equivalent [`Publish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRef<'a> {
+    /// Redelivery flag.
+    pub dup: bool,
+    /// Delivery QoS.
+    pub qos: QoS,
+    /// Retain flag.
+    pub retain: bool,
+    /// Topic name. Empty in MQTT 5 when a topic alias stands for it.
+    pub topic: &'a str,
+    /// Packet identifier; ignored (not on the wire) for QoS 0.
+    pub packet_id: u16,
+    /// Application payload.
+    pub payload: &'a [u8],
+    /// PUBLISH properties (MQTT 5); `None` is the same as empty properties.
+    pub properties: Option<&'a Properties>,
+}
+
+impl<'a> From<&'a Publish> for PublishRef<'a> {
+    fn from(publish: &'a Publish) -> PublishRef<'a> {
+        PublishRef {
+            dup: publish.dup,
+            qos: publish.qos,
+            retain: publish.retain,
+            topic: &publish.topic,
+            packet_id: publish.packet_id,
+            payload: &publish.payload,
+            properties: Some(&publish.properties),
+        }
+    }
+}
+
 /// PUBACK, PUBREC, PUBREL and PUBCOMP share this shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PubResponse {

@@ -43,7 +43,7 @@ use self::header::{Varint, read_varint, varint_len};
 use self::reader::Reader;
 use self::writer::{Counter, Sink, write_varint};
 use crate::error::{DecodeError, EncodeError};
-use crate::packet::{Packet, ProtocolVersion};
+use crate::packet::{Packet, ProtocolVersion, PublishRef};
 
 /// Largest remaining length MQTT can express (four variable-byte digits).
 pub const MAX_REMAINING_LENGTH: usize = header::MAX_VARINT as usize;
@@ -102,7 +102,14 @@ pub fn decode(
             )?)))
         }
         header::PUBLISH => {
-            let frame = buf.split_to(size).freeze();
+            // A buffer that holds this packet and nothing else, with no room to spare, is
+            // taken whole: freezing it needs no shared header allocation, which splitting
+            // would (the common case of a reader that sizes its buffer to each read).
+            let frame = if buf.len() == size && buf.capacity() == size {
+                std::mem::take(buf).freeze()
+            } else {
+                buf.split_to(size).freeze()
+            };
             publish::read_publish(frame, header_len, version)
         }
         header::AUTH => {
@@ -199,6 +206,28 @@ pub fn encode(
     write_body(buf, packet, version)
 }
 
+/// Append the wire form of a borrowed PUBLISH to `buf`: the same bytes [`encode`] writes for
+/// the equivalent [`Packet::Publish`], without an owned packet (the broker's delivery path).
+/// Fails, leaving `buf` untouched, if a field or the packet is too long.
+pub fn encode_publish(
+    publish: &PublishRef<'_>,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let mut counter = Counter::default();
+    publish::write_publish(&mut counter, publish, version)?;
+    let remaining_len = counter.0;
+    if remaining_len > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::PacketTooLarge);
+    }
+    // Bounded above, so it fits a u32.
+    let header_len = 1 + varint_len(remaining_len as u32);
+    buf.reserve(header_len + remaining_len);
+    buf.write_u8(publish::publish_first_byte(publish));
+    write_varint(buf, remaining_len)?;
+    publish::write_publish(buf, publish, version)
+}
+
 /// Bytes [`encode`] would append for `packet`: fixed header included, so comparable with a
 /// peer's maximum packet size.
 pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, EncodeError> {
@@ -224,7 +253,9 @@ fn write_body<S: Sink>(
     match packet {
         Packet::Connect(connect) => connect::write_connect(out, connect),
         Packet::ConnAck(connack) => connect::write_connack(out, connack, version),
-        Packet::Publish(publish) => publish::write_publish(out, publish, version),
+        Packet::Publish(publish) => {
+            publish::write_publish(out, &PublishRef::from(publish), version)
+        }
         Packet::PubAck(response)
         | Packet::PubRec(response)
         | Packet::PubRel(response)

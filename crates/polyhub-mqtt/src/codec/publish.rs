@@ -3,14 +3,16 @@
 
 use bytes::{Buf, Bytes};
 
-use super::header::{PUBACK, PUBCOMP, PUBLISH_DUP, PUBLISH_RETAIN, PUBREC, PUBREL, publish_qos};
+use super::header::{
+    PUBACK, PUBCOMP, PUBLISH, PUBLISH_DUP, PUBLISH_RETAIN, PUBREC, PUBREL, publish_qos,
+};
 use super::properties::{
     ACK_PROPERTIES, PUBLISH_PROPERTIES, properties_len, read_properties, write_properties_with_len,
 };
 use super::reader::Reader;
 use super::writer::{Sink, write_str};
 use crate::error::{DecodeError, EncodeError};
-use crate::packet::{Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS};
+use crate::packet::{Packet, Properties, ProtocolVersion, PubResponse, Publish, PublishRef, QoS};
 use crate::reason::ReasonCode;
 use crate::topic::validate_topic_name;
 
@@ -73,19 +75,37 @@ pub(super) fn is_plain_topic_name(topic: &str) -> bool {
 /// Encode a PUBLISH body (the flags live in the fixed header).
 pub(super) fn write_publish<S: Sink>(
     out: &mut S,
-    publish: &Publish,
+    publish: &PublishRef<'_>,
     version: ProtocolVersion,
 ) -> Result<(), EncodeError> {
-    write_str(out, &publish.topic)?;
+    write_str(out, publish.topic)?;
     if publish.qos != QoS::AtMostOnce {
         out.write_u16(publish.packet_id);
     }
     if version.is_v5() {
-        let len = properties_len(&publish.properties, PUBLISH_PROPERTIES)?;
-        write_properties_with_len(out, &publish.properties, PUBLISH_PROPERTIES, len)?;
+        match publish.properties {
+            Some(properties) => {
+                let len = properties_len(properties, PUBLISH_PROPERTIES)?;
+                write_properties_with_len(out, properties, PUBLISH_PROPERTIES, len)?;
+            }
+            // An empty property list is its length alone.
+            None => out.write_u8(0),
+        }
     }
-    out.write_slice(&publish.payload);
+    out.write_slice(publish.payload);
     Ok(())
+}
+
+/// The first byte of a PUBLISH: type and flags.
+pub(super) fn publish_first_byte(publish: &PublishRef<'_>) -> u8 {
+    let mut flags = (publish.qos as u8) << 1;
+    if publish.dup {
+        flags |= PUBLISH_DUP;
+    }
+    if publish.retain {
+        flags |= PUBLISH_RETAIN;
+    }
+    (PUBLISH << 4) | flags
 }
 
 /// A packet identifier, which is never 0 [MQTT-2.3.1-1].

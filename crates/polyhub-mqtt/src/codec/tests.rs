@@ -2,7 +2,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::{decode, encode, encoded_len};
+use super::{decode, encode, encode_publish, encoded_len};
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::*;
 use crate::reason::ReasonCode;
@@ -1529,5 +1529,87 @@ fn properties_is_empty_sees_every_field() {
     ];
     for properties in each {
         assert!(!properties.is_empty(), "{properties:?}");
+    }
+}
+
+#[test]
+fn borrowed_publish_encodes_as_the_owned_packet() {
+    let with_properties = Properties {
+        message_expiry_interval: Some(30),
+        topic_alias: Some(3),
+        user_properties: user_properties(&[("k", "v")]),
+        ..Properties::default()
+    };
+    for version in [V31, V311, V5] {
+        for (qos, packet_id) in [
+            (QoS::AtMostOnce, 0),
+            (QoS::AtLeastOnce, 7),
+            (QoS::ExactlyOnce, 9),
+        ] {
+            for properties in [Properties::default(), with_properties.clone()] {
+                let publish = Publish {
+                    dup: qos != QoS::AtMostOnce,
+                    qos,
+                    retain: true,
+                    topic: "a/b".into(),
+                    packet_id,
+                    payload: Bytes::from_static(b"payload"),
+                    properties,
+                };
+                let owned = encode_vec(&Packet::Publish(publish.clone()), version);
+                let mut borrowed = BytesMut::new();
+                encode_publish(&PublishRef::from(&publish), version, &mut borrowed).unwrap();
+                assert_eq!(&borrowed[..], &owned[..], "{version:?} {qos:?}");
+                if publish.properties.is_empty() {
+                    // `None` stands for empty properties.
+                    let mut without = BytesMut::new();
+                    let view = PublishRef {
+                        properties: None,
+                        ..PublishRef::from(&publish)
+                    };
+                    encode_publish(&view, version, &mut without).unwrap();
+                    assert_eq!(&without[..], &owned[..]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn borrowed_publish_too_long_is_refused_and_leaves_the_buffer_alone() {
+    let topic = "t".repeat(65_536);
+    let view = PublishRef {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: &topic,
+        packet_id: 0,
+        payload: b"",
+        properties: None,
+    };
+    let mut buf = BytesMut::from(&b"kept"[..]);
+    assert_eq!(
+        encode_publish(&view, V311, &mut buf),
+        Err(EncodeError::FieldTooLong)
+    );
+    assert_eq!(&buf[..], b"kept");
+}
+
+#[test]
+fn publish_filling_the_buffer_exactly_is_decoded_and_empties_it() {
+    let bytes = packet(0x30, &[b"\x00\x03a/b", b"hello"]);
+    // Exactly sized (taken whole) and with room to spare (split off): the same packet.
+    let mut exact = BytesMut::with_capacity(bytes.len());
+    exact.extend_from_slice(&bytes);
+    assert_eq!(exact.capacity(), bytes.len());
+    let mut roomy = BytesMut::with_capacity(bytes.len() * 4);
+    roomy.extend_from_slice(&bytes);
+    for buf in [&mut exact, &mut roomy] {
+        let Ok(Some(Packet::Publish(publish))) = decode(buf, V311, MAX) else {
+            panic!("not a PUBLISH");
+        };
+        assert_eq!(publish.topic, "a/b");
+        assert_eq!(&publish.payload[..], b"hello");
+        assert!(buf.is_empty());
     }
 }
