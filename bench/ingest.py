@@ -213,18 +213,28 @@ class Api:
     """A keep-alive HTTP/1.1 client of polyhub's REST API."""
 
     def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.port = port
+        self.timeout = timeout
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        # Samplers and the driver may share one client: one request at a time on the connection.
+        self.lock = threading.Lock()
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
         payload = json.dumps(body) if body is not None else None
         headers = {"content-type": "application/json"} if body is not None else {}
-        try:
-            self.connection.request(method, path, body=payload, headers=headers)
-            response = self.connection.getresponse()
-            raw = response.read()
-        except (OSError, http.client.HTTPException) as error:
-            self.connection.close()
-            raise BenchError(f"{method} {path}: {error}") from error
+        with self.lock:
+            for attempt in (1, 2):
+                try:
+                    self.connection.request(method, path, body=payload, headers=headers)
+                    response = self.connection.getresponse()
+                    raw = response.read()
+                    break
+                except (OSError, http.client.HTTPException) as error:
+                    # A timed-out or half-used connection cannot be reused: start a fresh one.
+                    self.connection.close()
+                    self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+                    if attempt == 2:
+                        raise BenchError(f"{method} {path}: {error}") from error
         try:
             data = json.loads(raw) if raw else None
         except json.JSONDecodeError:
