@@ -322,42 +322,20 @@ mod tests {
     use polyhub_broker::BrokerConfig;
 
     use super::*;
+    use crate::bus::test_support::{WAIT, filters, next, nothing_within, outgoing};
 
-    const WAIT: Duration = Duration::from_secs(5);
+    /// How long "nothing arrives" is watched for.
+    const QUIET: Duration = Duration::from_millis(50);
+
+    async fn nothing(client: &mut Box<dyn BusClient>) {
+        nothing_within(client, QUIET).await;
+    }
 
     fn broker() -> Broker {
         Broker::new(BrokerConfig {
             sys_interval: 0,
             ..BrokerConfig::default()
         })
-    }
-
-    fn filters(filters: &[&str]) -> Vec<String> {
-        filters.iter().map(|filter| (*filter).to_owned()).collect()
-    }
-
-    async fn next(client: &mut Box<dyn BusClient>) -> BusMessage {
-        tokio::time::timeout(WAIT, client.recv())
-            .await
-            .expect("a message within 5 s")
-            .expect("recv works")
-            .expect("not shut down")
-    }
-
-    /// Nothing is waiting for `client` (recv does not complete at once).
-    async fn nothing(client: &mut Box<dyn BusClient>) {
-        let waited = tokio::time::timeout(Duration::from_millis(50), client.recv()).await;
-        assert!(waited.is_err(), "unexpected {waited:?}");
-    }
-
-    fn outgoing(topic: &str, payload: &'static str, qos: u8) -> Outgoing {
-        Outgoing {
-            topic: topic.to_owned(),
-            payload: Bytes::from_static(payload.as_bytes()),
-            qos,
-            retain: false,
-            correlation_data: None,
-        }
     }
 
     #[tokio::test]

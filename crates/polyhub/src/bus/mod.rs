@@ -10,6 +10,8 @@
 mod local;
 /// Public in the crate for [`mqtt::MqttBusOptions`] (TLS, host names) beyond [`MqttBus::new`].
 pub(crate) mod mqtt;
+#[cfg(test)]
+mod test_support;
 
 pub(crate) use local::LocalBus;
 pub(crate) use mqtt::MqttBus;

@@ -338,8 +338,14 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::bus::test_support::{WAIT, filters, next, nothing_within, outgoing};
 
-    const WAIT: Duration = Duration::from_secs(5);
+    /// How long "nothing arrives" is watched for.
+    const QUIET: Duration = Duration::from_millis(300);
+
+    async fn nothing(client: &mut Box<dyn BusClient>) {
+        nothing_within(client, QUIET).await;
+    }
 
     /// An embedded broker serving on 127.0.0.1:0, and a bus to it.
     async fn broker() -> (Broker, MqttBus) {
@@ -352,33 +358,6 @@ mod tests {
         let serving = broker.clone();
         tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
         (broker, MqttBus::new(address))
-    }
-
-    fn filters(filters: &[&str]) -> Vec<String> {
-        filters.iter().map(|filter| (*filter).to_owned()).collect()
-    }
-
-    async fn next(client: &mut Box<dyn BusClient>) -> BusMessage {
-        tokio::time::timeout(WAIT, client.recv())
-            .await
-            .expect("a message within 5 s")
-            .expect("recv works")
-            .expect("not shut down")
-    }
-
-    async fn nothing(client: &mut Box<dyn BusClient>) {
-        let waited = tokio::time::timeout(Duration::from_millis(300), client.recv()).await;
-        assert!(waited.is_err(), "unexpected {waited:?}");
-    }
-
-    fn outgoing(topic: &str, payload: &'static str, qos: u8) -> Outgoing {
-        Outgoing {
-            topic: topic.to_owned(),
-            payload: Bytes::from_static(payload.as_bytes()),
-            qos,
-            retain: false,
-            correlation_data: None,
-        }
     }
 
     #[tokio::test]
