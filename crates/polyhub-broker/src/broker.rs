@@ -360,11 +360,17 @@ impl Broker {
             .collect()
     }
 
-    /// Whether the session of `client_id` holds any subscription (`None`: no such session).
-    /// The command service asks before sending to a device that just connected: until it has
-    /// subscribed, a command published to it would reach nobody.
-    pub fn client_has_subscriptions(&self, client_id: &str) -> Option<bool> {
+    /// Whether the network client `client_id` can be sent to: connected, and subscribed to
+    /// something (`None`: no network session of that id). Until a device that just connected
+    /// has subscribed, a command published to it would reach nobody.
+    pub fn client_reachable(&self, client_id: &str) -> Option<bool> {
         let session = self.shared.sessions.lock().get(client_id).cloned()?;
+        if session.kind != SessionKind::Network {
+            return None;
+        }
+        if !session.is_online() {
+            return Some(false);
+        }
         let state = session.state.lock();
         Some(state.subscriptions.iter().next().is_some())
     }

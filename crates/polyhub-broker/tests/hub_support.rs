@@ -300,6 +300,32 @@ async fn presence_events_follow_connects_and_disconnects() {
 }
 
 #[tokio::test]
+async fn a_client_is_reachable_once_connected_and_subscribed() {
+    bounded(async {
+        let broker = start(config()).await;
+        assert_eq!(broker.broker.client_reachable("d1"), None);
+        let mut request = connect(V311, "d1");
+        request.clean_start = false;
+        let (mut device, _) = Client::connect(broker.addr, request.clone()).await;
+        assert_eq!(broker.broker.client_reachable("d1"), Some(false));
+        device.subscribe("/h/d1/cmd", QoS::AtLeastOnce).await;
+        assert_eq!(broker.broker.client_reachable("d1"), Some(true));
+        device.drop_connection().await;
+        // The kept session remembers the subscription, but nobody is there to receive.
+        while broker.broker.client_reachable("d1") != Some(false) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (_device, _) = Client::connect(broker.addr, request).await;
+        assert_eq!(broker.broker.client_reachable("d1"), Some(true));
+        // Local clients are not devices.
+        let _local = broker.broker.local_client("local").unwrap();
+        assert_eq!(broker.broker.client_reachable("local"), None);
+        broker.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_takeover_reports_the_old_offline_before_the_new_online() {
     bounded(async {
         let broker = start(config()).await;

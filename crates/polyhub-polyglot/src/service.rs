@@ -780,18 +780,9 @@ impl Dispatcher {
                     self.blocked.remove(device_id);
                 }
             }
-            // Remembered so that a command submitted right after is sent without waiting
-            // for the next connection; offline devices without commands need no slot.
-            None if online => {
-                self.devices.insert(
-                    device_id.to_owned(),
-                    DeviceSlot {
-                        online: Some(true),
-                        presence_heard: true,
-                        ..DeviceSlot::default()
-                    },
-                );
-            }
+            // Devices without pending commands need no slot: a command submitted later reads
+            // presence from its protocol client (or the store). Keeping one for every client
+            // that connects would cost memory per connection, devices or not.
             None => {}
         }
         if online {

@@ -168,6 +168,7 @@ struct World {
     store: Arc<dyn Store>,
     bus: FakeBus,
     backend: Arc<MqttBackend>,
+    presence: PresenceTable,
     events: mpsc::Receiver<BackendEvent>,
     shutdown: CancellationToken,
 }
@@ -220,12 +221,13 @@ async fn world() -> World {
     let bus = FakeBus::default();
     let (sender, events) = mpsc::channel(256);
     let shutdown = CancellationToken::new();
+    let presence = PresenceTable::default();
     let backend = MqttBackend::start(
         MqttBackendOptions {
             protocol: "mqtt".into(),
             client_id: "polyhub-polyglot-mqtt".into(),
             channels: ChannelTemplates::default(),
-            presence: PresenceTable::default(),
+            presence: presence.clone(),
         },
         Arc::new(bus.clone()),
         Arc::clone(&store),
@@ -239,6 +241,7 @@ async fn world() -> World {
         store,
         bus,
         backend,
+        presence,
         events,
         shutdown,
     }
@@ -357,7 +360,7 @@ async fn hub_style_command_is_json_with_the_command_id_as_correlation_data() {
 async fn a_publish_to_an_online_device_is_delivered() {
     let world = world().await;
     assert_eq!(world.backend.is_online("d1"), None);
-    world.backend.set_presence("d1", true);
+    world.presence.set("d1", true);
     assert_eq!(world.backend.is_online("d1"), Some(true));
     assert_eq!(
         world
@@ -365,7 +368,7 @@ async fn a_publish_to_an_online_device_is_delivered() {
             .await,
         SendOutcome::Delivered
     );
-    world.backend.set_presence("d1", false);
+    world.presence.set("d1", false);
     assert_eq!(world.backend.is_online("d1"), Some(false));
     assert_eq!(
         world
@@ -373,6 +376,30 @@ async fn a_publish_to_an_online_device_is_delivered() {
             .await,
         SendOutcome::Sent
     );
+}
+
+#[test]
+fn the_brokers_sessions_answer_before_reported_presence() {
+    // The embedded broker knows "dev" (connected, subscribed) and "quiet" (connected, not
+    // subscribed yet); "res" has no session (an sgframework resource reporting by topic).
+    let presence = PresenceTable::with_connections(Arc::new(|client_id: &str| match client_id {
+        "dev" => Some(true),
+        "quiet" => Some(false),
+        _ => None,
+    }));
+    assert_eq!(presence.get("dev"), Some(true));
+    assert_eq!(presence.get("quiet"), Some(false));
+    presence.set("quiet", true);
+    assert_eq!(
+        presence.get("quiet"),
+        Some(false),
+        "the session is the truth"
+    );
+    assert_eq!(presence.get("res"), None);
+    presence.set("res", true);
+    assert_eq!(presence.get("res"), Some(true));
+    presence.set("res", false);
+    assert_eq!(presence.get("res"), Some(false));
 }
 
 #[tokio::test]

@@ -87,13 +87,12 @@ pub(crate) async fn start(
 
     // Polyglot: the protocol clients from `[polyglot.*]`, built through the registry of the
     // factories this binary knows, and the command service over them.
-    // A device counts as reachable once it has subscribed (clients that are not devices, such
-    // as sgframework resource names, are not held back).
-    let subscriptions = broker.clone();
-    let online = PresenceTable::with_readiness(Arc::new(move |device_id: &str| {
-        subscriptions
-            .client_has_subscriptions(device_id)
-            .unwrap_or(true)
+    // The broker's sessions say who can be sent to: a device counts as reachable once it
+    // has subscribed; ids without a session (sgframework resource names) fall back to the
+    // presence their messages report.
+    let sessions = broker.clone();
+    let online = PresenceTable::with_connections(Arc::new(move |device_id: &str| {
+        sessions.client_reachable(device_id)
     }));
     let registry = ClientRegistry::new()
         .with(Box::new(MqttClientFactory::new(online.clone())))
@@ -119,7 +118,6 @@ pub(crate) async fn start(
     let presence_commands = commands.clone();
     tokio::spawn(async move {
         while let Some(event) = command_presence.recv().await {
-            online.set(&event.client_id, event.online);
             presence_commands
                 .device_presence(&event.client_id, event.online)
                 .await;

@@ -58,50 +58,61 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const SGFRAMEWORK_DATA_FILTER: &str = "data/+/+";
 const SGFRAMEWORK_PRESENCE_FILTER: &str = "resourceavailable/+/presence";
 
-/// Devices' presence as far as MQTT clients know it: fed by the binary from the broker's
-/// presence events, read by [`BackendClient::is_online`]. Cheap to clone (shared).
+/// Devices' presence as far as MQTT clients know it, read by [`BackendClient::is_online`].
+/// Cheap to clone (shared).
+///
+/// Design: where the broker is polyhub's own, its sessions are the truth about who is
+/// connected, so the table asks them ([`PresenceTable::with_connections`]) instead of keeping a
+/// copy: a copy costs memory for every client that ever connected, devices or not. What only
+/// messages tell (sgframework presence topics, an external broker's wills) is recorded with
+/// [`PresenceTable::set`], one entry per device that reported.
 #[derive(Clone, Default)]
 pub struct PresenceTable {
-    online: Arc<RwLock<HashMap<String, bool>>>,
-    ready: Option<Readiness>,
+    reported: Arc<RwLock<HashMap<String, bool>>>,
+    connections: Option<ConnectionLookup>,
 }
 
-/// Whether a connected device can be sent to yet (see [`PresenceTable::with_readiness`]).
-pub type Readiness = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// Whether a client id is connected and can be sent to (`None`: the broker has no session of
+/// that id; see [`PresenceTable::with_connections`]).
+pub type ConnectionLookup = Arc<dyn Fn(&str) -> Option<bool> + Send + Sync>;
 
 impl std::fmt::Debug for PresenceTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PresenceTable")
-            .field("online", &self.online)
-            .field("ready", &self.ready.is_some())
+            .field("reported", &self.reported)
+            .field("connections", &self.connections.is_some())
             .finish()
     }
 }
 
 impl PresenceTable {
-    /// A table that counts a connected device as reachable only once `ready(device_id)` says
-    /// so. A device connecting without a stored session subscribes to its command topic only
-    /// after the broker accepted the connection; a command sent in between would reach nobody.
-    pub fn with_readiness(ready: Readiness) -> PresenceTable {
+    /// A table that asks `connections` first. It answers for a client id with a session: a
+    /// connected device counts as reachable only once it has subscribed (a device connecting
+    /// without a stored session subscribes to its command topic only after the broker accepted
+    /// the connection; a command sent in between would reach nobody). For ids without a
+    /// session (an sgframework resource's name is not its client id) reported presence counts.
+    pub fn with_connections(connections: ConnectionLookup) -> PresenceTable {
         PresenceTable {
-            online: Arc::default(),
-            ready: Some(ready),
+            reported: Arc::default(),
+            connections: Some(connections),
         }
     }
 
-    /// Records that `device_id` (an MQTT client id) connected or disconnected.
+    /// Records presence that a message reported for `device_id`.
     pub fn set(&self, device_id: &str, online: bool) {
-        self.online.write().insert(device_id.to_owned(), online);
+        self.reported.write().insert(device_id.to_owned(), online);
     }
 
-    /// The last presence recorded for `device_id` (`None`: never heard of); a connected device
-    /// that is not ready yet counts as offline.
+    /// Whether `device_id` is reachable (`None`: never heard of).
     pub fn get(&self, device_id: &str) -> Option<bool> {
-        let online = self.online.read().get(device_id).copied()?;
-        match &self.ready {
-            Some(ready) if online => Some(ready(device_id)),
-            _ => Some(online),
+        if let Some(connected) = self
+            .connections
+            .as_ref()
+            .and_then(|connections| connections(device_id))
+        {
+            return Some(connected);
         }
+        self.reported.read().get(device_id).copied()
     }
 }
 
@@ -225,13 +236,6 @@ impl MqttBackend {
             requests,
             send_order: tokio::sync::Mutex::new(()),
         }))
-    }
-
-    /// Records a device's connection change (the binary calls this with the embedded
-    /// broker's presence events; client id == device id). Emits no event: the caller
-    /// reports presence to the command service itself.
-    pub fn set_presence(&self, device_id: &str, online: bool) {
-        self.shared.presence.set(device_id, online);
     }
 
     /// Which channels `device` uses, from its hub's settings.
