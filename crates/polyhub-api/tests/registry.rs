@@ -596,17 +596,41 @@ async fn parser_status_of_known_unknown_and_unseen_hubs() {
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
 
+    let hub_ids = |json: &serde_json::Value| -> Vec<String> {
+        json["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["hub_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Every hub of the registry is listed, the never-started one as stopped.
+    let reply = h.get("/parsers").await;
+    assert_eq!(hub_ids(&reply.json), ["h1", "h2"], "sorted by hub id");
+    assert_eq!(reply.json["items"][1]["state"], "stopped");
+    assert_eq!(reply.json["next"], serde_json::Value::Null);
+
     h.call(Method::POST, "/hubs/h2/start", None).await;
     let reply = h.get("/parsers").await;
-    let hubs: Vec<&str> = reply.json["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["hub_id"].as_str().unwrap())
-        .collect();
-    assert_eq!(hubs, ["h1", "h2"], "sorted by hub id");
     assert_eq!(
         serde_json::from_value::<ParserState>(reply.json["items"][1]["state"].clone()).unwrap(),
         ParserState::Running
     );
+
+    // Pages follow the hub ids.
+    h.post("/hubs", json!({"id": "h3", "group_id": "g1", "desired_state": "stopped"}))
+        .await;
+    let first = h.get("/parsers?limit=2").await;
+    assert_eq!(hub_ids(&first.json), ["h1", "h2"]);
+    assert_eq!(first.json["next"], "h2");
+    let second = h.get("/parsers?limit=2&after=h2").await;
+    assert_eq!(hub_ids(&second.json), ["h3"]);
+    h.get("/parsers?limit=0")
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+
+    // A deleted hub is gone from the list.
+    let reply = h.call(Method::DELETE, "/hubs/h3", None).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(hub_ids(&h.get("/parsers").await.json), ["h1", "h2"]);
 }

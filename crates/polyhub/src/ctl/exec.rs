@@ -65,9 +65,9 @@ pub(crate) async fn execute(command: CtlCommand) -> Result<String, CtlError> {
         }
         CtlCommand::Parsers(args) => {
             let (client, output) = connect(&args.api)?;
-            let reply = client.get(&["parsers"], &[]).await?;
+            let reply = client.get(&["parsers"], &page_query(args.page)).await?;
             render(output, &reply, |page: Items<ParserStatus>| {
-                parsers_table(&page.items)
+                parsers_table(&page.items) + &more_hint("--after", page.next.as_deref())
             })
         }
     }

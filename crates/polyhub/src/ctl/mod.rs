@@ -487,6 +487,8 @@ pub(crate) struct DeadLettersArgs {
 #[derive(Debug, Args)]
 pub(crate) struct ParsersArgs {
     #[command(flatten)]
+    pub(crate) page: PageArgs,
+    #[command(flatten)]
     pub(crate) api: ApiArgs,
 }
 
