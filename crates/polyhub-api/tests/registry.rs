@@ -618,8 +618,11 @@ async fn parser_status_of_known_unknown_and_unseen_hubs() {
     );
 
     // Pages follow the hub ids.
-    h.post("/hubs", json!({"id": "h3", "group_id": "g1", "desired_state": "stopped"}))
-        .await;
+    h.post(
+        "/hubs",
+        json!({"id": "h3", "group_id": "g1", "desired_state": "stopped"}),
+    )
+    .await;
     let first = h.get("/parsers?limit=2").await;
     assert_eq!(hub_ids(&first.json), ["h1", "h2"]);
     assert_eq!(first.json["next"], "h2");

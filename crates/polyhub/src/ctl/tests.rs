@@ -107,7 +107,8 @@ fn api_and_output_are_accepted_before_and_after_the_action() {
         assert_eq!(api.output, OutputFormat::Json, "{args:?}");
         assert!(matches!(action, DeviceAction::List { hub: None, .. }));
     }
-    let CtlCommand::Parsers(ParsersArgs { api, .. }) = parsed(&["parsers", "--output", "json"]) else {
+    let CtlCommand::Parsers(ParsersArgs { api, .. }) = parsed(&["parsers", "--output", "json"])
+    else {
         panic!("parsers");
     };
     assert_eq!(api.output, OutputFormat::Json);
