@@ -35,9 +35,9 @@ use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError
 use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StreamEvent};
 use tokio_xmpp::xmlstream::Timeouts;
 
-use crate::provision;
 use crate::settings::{Transport, XmppOptions};
 use crate::wire::{Body, classify_body, command_body, device_jid};
+use crate::{admin, provision};
 
 /// Outgoing stanzas waiting for the stream task.
 const REQUEST_QUEUE: usize = 256;
@@ -78,6 +78,11 @@ enum Request {
         stanza: Box<Stanza>,
         token: Option<oneshot::Sender<tokio_xmpp::stanzastream::StanzaToken>>,
     },
+    /// An IQ request whose answer (result or error, matched by id) goes to `answer`.
+    Iq {
+        iq: Box<Iq>,
+        answer: oneshot::Sender<Iq>,
+    },
 }
 
 /// The XMPP backend client. Cheap to share; its task stops on the shutdown token.
@@ -110,6 +115,7 @@ impl XmppBackend {
             requests: requests_rx,
             events,
             store,
+            pending_iqs: HashMap::new(),
         };
         tokio::spawn(task.run(shutdown));
         XmppBackend { shared, requests }
@@ -148,6 +154,33 @@ impl XmppBackend {
             )),
             Err(_) => Err(BackendError::Unavailable(format!(
                 "the XMPP server did not take the message within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Sends an IQ request and waits (up to the send timeout) for its answer.
+    async fn request(&self, iq: Iq) -> Result<Iq, BackendError> {
+        if !self.is_connected() {
+            return Err(BackendError::Unavailable(
+                "not connected to the XMPP server".to_owned(),
+            ));
+        }
+        let (answer, answered) = oneshot::channel();
+        self.requests
+            .send(Request::Iq {
+                iq: Box::new(iq),
+                answer,
+            })
+            .await
+            .map_err(|_| BackendError::Unavailable("the XMPP client has stopped".to_owned()))?;
+        let timeout = self.shared.options.send_timeout;
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(BackendError::Unavailable(
+                "the XMPP connection was lost before the server answered".to_owned(),
+            )),
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "the XMPP server did not answer within {timeout:?}"
             ))),
         }
     }
@@ -204,10 +237,22 @@ impl BackendClient for XmppBackend {
     }
 
     async fn remove_device(&self, device: &Device) -> Result<(), BackendError> {
-        let _ = device;
-        Err(BackendError::Unsupported(
-            "removing XMPP accounts is not supported: delete the account on the server".to_owned(),
-        ))
+        let jid = device_jid(device, &self.shared.options.device_domain)
+            .map_err(BackendError::Rejected)?;
+        let host = BareJid::from_parts(None, jid.domain());
+        let request_id = format!("polyhub-delete-{}", device.id);
+        let opened = self
+            .request(admin::execute_request(&request_id, &host))
+            .await?;
+        let session = admin::session_of(opened, &jid)?;
+        let completed = self
+            .request(admin::submit_request(&request_id, &host, &session, &jid))
+            .await?;
+        admin::check_completed(completed, &jid)?;
+        // Forgotten: its presence no longer counts and its messages are no longer a device's.
+        self.shared.devices.lock().remove(&jid);
+        self.shared.presence.lock().remove(&device.id);
+        Ok(())
     }
 
     fn is_online(&self, device_id: &str) -> Option<bool> {
@@ -259,6 +304,8 @@ struct StreamTask {
     requests: mpsc::Receiver<Request>,
     events: mpsc::Sender<BackendEvent>,
     store: Arc<dyn Store>,
+    /// IQ requests of ours waiting for their answer, by id.
+    pending_iqs: HashMap<String, oneshot::Sender<Iq>>,
 }
 
 impl StreamTask {
@@ -272,6 +319,11 @@ impl StreamTask {
                         if let Some(token) = token {
                             let _ = token.send(sent);
                         }
+                    }
+                    Some(Request::Iq { iq, answer }) => {
+                        self.pending_iqs.retain(|_, waiting| !waiting.is_closed());
+                        self.pending_iqs.insert(iq.id().to_owned(), answer);
+                        self.send(Stanza::Iq(*iq)).await;
                     }
                     // Every handle is gone: nobody can send any more.
                     None => break,
@@ -330,6 +382,8 @@ impl StreamTask {
     /// Reports every device seen online as offline: without a session nothing reaches them.
     async fn on_disconnected(&mut self) {
         self.shared.connected.store(false, Ordering::SeqCst);
+        // Answers to requests of a lost session never come: their callers hear so now.
+        self.pending_iqs.clear();
         let gone: Vec<String> = {
             let mut presence = self.shared.presence.lock();
             presence
@@ -550,7 +604,12 @@ impl StreamTask {
         // Requests must be answered (RFC 6120 §8.2.3); this client offers no IQ services.
         let (from, id) = match iq {
             Iq::Get { from, id, .. } | Iq::Set { from, id, .. } => (from, id),
-            Iq::Result { .. } | Iq::Error { .. } => return,
+            Iq::Result { .. } | Iq::Error { .. } => {
+                if let Some(waiting) = self.pending_iqs.remove(iq.id()) {
+                    let _ = waiting.send(iq);
+                }
+                return;
+            }
         };
         let error = StanzaError::new(
             ErrorType::Cancel,

@@ -8,8 +8,10 @@
 //! - [`wire`]: the message bodies and device JIDs.
 //! - [`settings`]: the `[polyglot.<name>]` settings ([`XmppClientSettings`]).
 //! - [`factory`]: [`XmppClientFactory`] (type `xmpp`) for the client registry.
-//! - `provision`: device accounts by XEP-0077 in-band registration.
+//! - `provision`: device accounts by XEP-0077 in-band registration; `admin`: their removal by
+//!   the server's XEP-0133 delete-user command.
 
+mod admin;
 pub mod client;
 pub mod factory;
 mod provision;

@@ -79,7 +79,8 @@ s2s_ports = {{ }}
 component_ports = {{ }}
 http_ports = {{ }}
 https_ports = {{ }}
-modules_enabled = {{ "roster", "saslauth", "disco", "register", "offline", "ping" }}
+modules_enabled = {{ "roster", "saslauth", "disco", "register", "offline", "ping", "adhoc", "admin_adhoc" }}
+admins = {{ "hub@{DOMAIN}" }}
 modules_disabled = {{ "s2s", "tls" }}
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
@@ -329,9 +330,19 @@ async fn build(
     store: Arc<dyn Store>,
     shutdown: &CancellationToken,
 ) -> (Arc<dyn BackendClient>, Events) {
+    build_as("hub", server, store, shutdown).await
+}
+
+/// A client logged in as `user` (password [`HUB_PASSWORD`]).
+async fn build_as(
+    user: &str,
+    server: &str,
+    store: Arc<dyn Store>,
+    shutdown: &CancellationToken,
+) -> (Arc<dyn BackendClient>, Events) {
     let (events, rx) = mpsc::channel(64);
     let mut settings = toml::Table::new();
-    settings.insert("jid".into(), format!("hub@{DOMAIN}").into());
+    settings.insert("jid".into(), format!("{user}@{DOMAIN}").into());
     settings.insert("password".into(), HUB_PASSWORD.into());
     settings.insert("server".into(), server.into());
     settings.insert("allow_plaintext".into(), true.into());
@@ -466,6 +477,100 @@ async fn commands_receipts_replies_telemetry_and_presence_through_prosody() {
         .await;
     assert_eq!(client.is_online("dev1"), Some(false));
 
+    shutdown.cancel();
+}
+
+/// `remove_device`, retried while the client has not logged in yet.
+async fn remove_when_logged_in(
+    client: &dyn BackendClient,
+    device: &Device,
+) -> Result<(), BackendError> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client.remove_device(device).await {
+            Err(BackendError::Unavailable(message))
+                if message.contains("not connected") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_accounts_are_removed_by_an_admin_hub_only() {
+    let prosody = Prosody::start();
+    prosody.register("hub", HUB_PASSWORD);
+    prosody.register("other", HUB_PASSWORD);
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let shutdown = CancellationToken::new();
+    let (client, _events) = build(&prosody.server(), store.clone(), &shutdown).await;
+    let (not_admin, _other_events) = build_as("other", &prosody.server(), store, &shutdown).await;
+
+    let first = client
+        .provision_device(&device)
+        .await
+        .expect("provisioning")
+        .expect("credentials");
+    // A hub account that is not a server admin is told why it may not.
+    match remove_when_logged_in(not_admin.as_ref(), &device).await {
+        Err(BackendError::Rejected(message)) => assert!(message.contains("admin"), "{message}"),
+        other => panic!("a non-admin removal must be rejected, got {other:?}"),
+    }
+    // The account still exists: registering it again is refused.
+    assert!(matches!(
+        client.provision_device(&device).await,
+        Err(BackendError::Rejected(_))
+    ));
+
+    remove_when_logged_in(client.as_ref(), &device)
+        .await
+        .expect("the admin hub removes the account");
+    // Gone: the old password no longer logs in (slixmpp keeps retrying; READY never comes),
+    // and the name can be registered afresh.
+    let mut login = tokio::process::Command::new(python_with_slixmpp())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xmpp_device.py"))
+        .args([
+            &first.username,
+            &first.password,
+            "127.0.0.1",
+            &prosody.port.to_string(),
+            &format!("hub@{DOMAIN}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting the device script");
+    let mut lines = BufReader::new(login.stdout.take().expect("device stdout")).lines();
+    let logged_in = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim() == "READY" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_ne!(logged_in, Ok(true), "the removed account still logs in");
+    let _ = login.kill().await;
+    let second = client
+        .provision_device(&device)
+        .await
+        .expect("registering the name again")
+        .expect("credentials");
+    assert_ne!(second.password, first.password);
+    // Removing an account that does not exist is an error, not a silent success.
+    remove_when_logged_in(client.as_ref(), &device)
+        .await
+        .expect("removing the new account");
+    assert!(matches!(
+        remove_when_logged_in(client.as_ref(), &device).await,
+        Err(BackendError::Rejected(_))
+    ));
     shutdown.cancel();
 }
 
