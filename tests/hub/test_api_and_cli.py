@@ -122,6 +122,7 @@ def test_openapi_and_metrics(api, mqtt_clients):
         "/devices": {"get", "post"},
         "/devices/{id}": {"get", "patch", "delete"},
         "/devices/{id}/presence": {"get"},
+        "/devices/{id}/account": {"post", "delete"},
         "/devices/{id}/telemetry/latest": {"get"},
         "/devices/{id}/telemetry": {"get"},
         "/devices/{id}/telemetry/downsample": {"get"},

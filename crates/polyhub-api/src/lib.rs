@@ -34,5 +34,5 @@ pub use handlers::telemetry::{
 };
 pub use handlers::{DEFAULT_LIST_LIMIT, Items, Page};
 pub use router::{HTTP_REQUESTS_METRIC, openapi, router, router_with_config, serve};
-pub use runtime::{CommandRequest, CommandRuntime, HubRuntime, RuntimeError};
+pub use runtime::{CommandRequest, CommandRuntime, DeviceAccount, HubRuntime, RuntimeError};
 pub use state::ApiState;

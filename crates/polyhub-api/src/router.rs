@@ -75,6 +75,10 @@ fn documented_routes() -> OpenApiRouter<ApiState> {
             devices::delete_device
         ))
         .routes(routes!(devices::device_presence))
+        .routes(routes!(
+            devices::create_device_account,
+            devices::delete_device_account
+        ))
         .routes(routes!(commands::submit_command, commands::list_commands))
         .routes(routes!(commands::get_command))
         .routes(routes!(commands::cancel_command))

@@ -87,4 +87,34 @@ pub trait CommandRuntime: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// Errors: `NotFound`, `Conflict` (already in a final state), `Failed`.
     async fn cancel(&self, id: &str) -> Result<Command, RuntimeError>;
+    /// Creates the device's account on the server of its protocol (e.g. an XMPP account) and
+    /// returns its credentials; they are not kept, so this is the only time they are shown.
+    ///
+    /// Errors: `Invalid` (the protocol's client does not manage accounts, or no client for the
+    /// protocol), `Conflict` (the server refused: the account exists), `Failed`.
+    async fn create_account(&self, device: &Device) -> Result<DeviceAccount, RuntimeError> {
+        Err(RuntimeError::Invalid(format!(
+            "protocol {:?} does not manage device accounts",
+            device.protocol
+        )))
+    }
+    /// Deletes what [`CommandRuntime::create_account`] created.
+    ///
+    /// Errors: as for `create_account` (`Conflict`: the server refused, e.g. no such account or
+    /// polyhub's account may not delete accounts).
+    async fn remove_account(&self, device: &Device) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Invalid(format!(
+            "protocol {:?} does not manage device accounts",
+            device.protocol
+        )))
+    }
+}
+
+/// A device's account as created on the server of its protocol.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DeviceAccount {
+    /// What the device logs in as (for XMPP its JID).
+    pub username: String,
+    /// Its generated password: shown once, not stored by polyhub.
+    pub password: String,
 }

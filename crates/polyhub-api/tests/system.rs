@@ -41,6 +41,8 @@ const CONTRACT_ROUTES: &[(&str, &str)] = &[
     ("patch", "/devices/{id}"),
     ("delete", "/devices/{id}"),
     ("get", "/devices/{id}/presence"),
+    ("post", "/devices/{id}/account"),
+    ("delete", "/devices/{id}/account"),
     ("post", "/devices/{id}/commands"),
     ("get", "/devices/{id}/commands"),
     ("get", "/commands/{id}"),

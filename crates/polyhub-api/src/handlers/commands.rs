@@ -197,7 +197,7 @@ pub(crate) async fn cancel_command(
 }
 
 /// The command service, or the 503 every command route answers without one.
-fn command_runtime(state: &ApiState) -> Result<Arc<dyn CommandRuntime>, ApiError> {
+pub(crate) fn command_runtime(state: &ApiState) -> Result<Arc<dyn CommandRuntime>, ApiError> {
     state
         .commands
         .clone()

@@ -7,11 +7,12 @@ use polyhub_store::{Device, DevicePatch, ListQuery, NewDevice, Presence};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::commands::command_runtime;
 use super::hubs::created_but;
 use super::{DEFAULT_LIST_LIMIT, Page, checked_id, checked_limit, fetch_size, into_page};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::runtime::RuntimeError;
+use crate::runtime::{DeviceAccount, RuntimeError};
 use crate::state::ApiState;
 
 /// Filter and paging of `GET /devices`.
@@ -158,4 +159,48 @@ pub(crate) async fn device_presence(
 ) -> Result<Json<Presence>, ApiError> {
     checked_id("device", &id)?;
     Ok(Json(state.store.get_presence(&id).await?))
+}
+
+/// Creates the device's account on the server of its protocol (XMPP: in-band registration)
+/// and returns the generated credentials. polyhub does not keep the password: this answer is
+/// the only place it appears.
+#[utoipa::path(post, path = "/devices/{id}/account", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 201, description = "The account was created", body = DeviceAccount),
+        (status = 400, description = "Invalid id, or the device's protocol has no accounts", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "The server refused (e.g. the account exists)", body = ErrorBody),
+        (status = 503, description = "Commands are not enabled", body = ErrorBody),
+    ))]
+pub(crate) async fn create_device_account(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<(StatusCode, Json<DeviceAccount>), ApiError> {
+    checked_id("device", &id)?;
+    let device = state.store.get_device(&id).await?;
+    let account = command_runtime(&state)?.create_account(&device).await?;
+    Ok((StatusCode::CREATED, Json(account)))
+}
+
+/// Deletes the device's account on the server of its protocol (XMPP: the server's XEP-0133
+/// delete-user command, which needs polyhub's account to be a server admin). The device itself
+/// stays registered in polyhub.
+#[utoipa::path(delete, path = "/devices/{id}/account", tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 204, description = "The account was deleted"),
+        (status = 400, description = "Invalid id, or the device's protocol has no accounts", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "The server refused (no such account, or polyhub may not delete it)", body = ErrorBody),
+        (status = 503, description = "Commands are not enabled", body = ErrorBody),
+    ))]
+pub(crate) async fn delete_device_account(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    checked_id("device", &id)?;
+    let device = state.store.get_device(&id).await?;
+    command_runtime(&state)?.remove_account(&device).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

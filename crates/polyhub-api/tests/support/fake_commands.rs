@@ -1,13 +1,14 @@
 //! A [`CommandRuntime`] over any [`Store`] that applies the contract's submit rules, records
 //! its calls, and can be told to settle each new command after a delay (as a device would).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use polyhub_api::{CommandRequest, CommandRuntime, RuntimeError};
+use polyhub_api::{CommandRequest, CommandRuntime, DeviceAccount, RuntimeError};
 use polyhub_store::{
     Command, CommandState, CommandTransition, MAX_COMMAND_PAYLOAD, NewCommandRecord, Store,
     StoreError, now_millis,
@@ -23,6 +24,8 @@ pub struct FakeCommands {
     waits: Mutex<Vec<Duration>>,
     /// After this delay, each new command moves to this state (with a reply when acknowledged).
     settle: Mutex<Option<(Duration, CommandState)>>,
+    /// Accounts made for `xmpp` devices (the only protocol with accounts here).
+    accounts: Mutex<HashSet<String>>,
 }
 
 const UNSETTLED: [CommandState; 3] = [
@@ -50,6 +53,7 @@ impl FakeCommands {
             submits: Mutex::default(),
             waits: Mutex::default(),
             settle: Mutex::default(),
+            accounts: Mutex::default(),
         }
     }
 
@@ -91,6 +95,41 @@ impl FakeCommands {
 
 #[async_trait]
 impl CommandRuntime for FakeCommands {
+    async fn create_account(
+        &self,
+        device: &polyhub_store::Device,
+    ) -> Result<DeviceAccount, RuntimeError> {
+        if device.protocol != "xmpp" {
+            return Err(RuntimeError::Invalid(format!(
+                "protocol {:?} does not manage device accounts",
+                device.protocol
+            )));
+        }
+        let username = format!("{}@localhost", device.id);
+        if !self.accounts.lock().unwrap().insert(username.clone()) {
+            return Err(RuntimeError::Conflict(format!("{username} exists")));
+        }
+        Ok(DeviceAccount {
+            username,
+            password: "generated".to_owned(),
+        })
+    }
+
+    async fn remove_account(&self, device: &polyhub_store::Device) -> Result<(), RuntimeError> {
+        if device.protocol != "xmpp" {
+            return Err(RuntimeError::Invalid(format!(
+                "protocol {:?} does not manage device accounts",
+                device.protocol
+            )));
+        }
+        let username = format!("{}@localhost", device.id);
+        if self.accounts.lock().unwrap().remove(&username) {
+            Ok(())
+        } else {
+            Err(RuntimeError::Conflict(format!("no account {username}")))
+        }
+    }
+
     async fn submit(
         &self,
         device_id: &str,

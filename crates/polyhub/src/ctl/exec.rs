@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use polyhub_api::SubmitCommand;
+use polyhub_api::{DeviceAccount, SubmitCommand};
 use polyhub_store::{
     Bucket, Command, CommandState, DeadLetter, DesiredState, Device, Group, Hub, HubSettings,
     NewDevice, NewGroup, NewHub, ParserEvent, ParserStatus, Presence, RangePage, TelemetryRow,
@@ -421,6 +421,19 @@ async fn device(
             render(output, &reply, |presence: Presence| {
                 presence_table(std::slice::from_ref(&presence))
             })
+        }
+        DeviceAction::CreateAccount { id } => {
+            let reply = client.post(&["devices", &id, "account"], None).await?;
+            render(output, &reply, |account: DeviceAccount| {
+                fields(&[
+                    ("username", account.username.clone()),
+                    ("password", account.password.clone()),
+                ])
+            })
+        }
+        DeviceAction::RemoveAccount { id } => {
+            let reply = client.delete(&["devices", &id, "account"]).await?;
+            Ok(deleted(output, &reply, "the account of device", &id))
         }
     }
 }

@@ -316,6 +316,18 @@ pub(crate) enum DeviceAction {
         /// The device's id
         id: String,
     },
+    /// Create the device's account on the server of its protocol (XMPP) and print its
+    /// generated password: polyhub does not keep it, so this is the only time it is shown.
+    CreateAccount {
+        /// The device's id
+        id: String,
+    },
+    /// Delete the device's account on the server of its protocol (the device stays
+    /// registered).
+    RemoveAccount {
+        /// The device's id
+        id: String,
+    },
 }
 
 /// `polyhub command ...`.

@@ -317,7 +317,23 @@ async fn stand_in_api(seen: Seen) -> String {
         )
     }
 
+    async fn create_account(Path(id): Path<String>) -> Response {
+        (
+            StatusCode::CREATED,
+            Json(json!({"username": format!("{id}@localhost"), "password": "s3cret"})),
+        )
+            .into_response()
+    }
+    async fn remove_account(State(seen): State<Seen>, method: Method, uri: Uri) -> StatusCode {
+        record(&seen, &method, &uri, Value::Null);
+        StatusCode::NO_CONTENT
+    }
+
     let app = axum::Router::new()
+        .route(
+            "/devices/{id}/account",
+            post(create_account).delete(remove_account),
+        )
         .route(
             "/devices/{id}/commands",
             post(submit_command).get(list_commands),
@@ -510,6 +526,33 @@ async fn delete_and_parser_actions_print_confirmations() {
     );
     let methods: Vec<String> = seen.lock().unwrap().iter().map(|r| r.0.clone()).collect();
     assert_eq!(methods, ["DELETE", "DELETE"]);
+}
+
+#[tokio::test]
+async fn device_accounts_are_created_with_their_password_shown_and_removed() {
+    let seen = Seen::default();
+    let api = stand_in_api(seen.clone()).await;
+    let created = run_against(&api, &["device", "create-account", "x1"])
+        .await
+        .unwrap();
+    assert!(created.contains("x1@localhost"), "{created}");
+    assert!(created.contains("s3cret"), "{created}");
+    assert_eq!(
+        run_against(&api, &["device", "remove-account", "x1"])
+            .await
+            .unwrap(),
+        "deleted the account of device x1\n"
+    );
+    let requests: Vec<(String, String)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.0.clone(), r.1.clone()))
+        .collect();
+    assert_eq!(
+        requests,
+        [("DELETE".to_owned(), "/devices/x1/account".to_owned())]
+    );
 }
 
 #[tokio::test]
