@@ -56,15 +56,19 @@ pub trait BackendClient: Send + Sync + std::fmt::Debug + 'static {
         device: &Device,
         command: &Command,
     ) -> Result<SendOutcome, BackendError>;
-    /// Creates the device's account or credentials where the protocol has them.
+    /// Creates the device's account or credentials where the protocol has them (`None`: the
+    /// protocol has none to create).
     async fn provision_device(&self, device: &Device) -> Result<Option<Credentials>, BackendError> {
         let _ = device;
         Ok(None)
     }
-    /// Removes what [`BackendClient::provision_device`] created.
+    /// Removes what [`BackendClient::provision_device`] created; `Unsupported` where the
+    /// protocol has no accounts, so that a caller never believes something was removed.
     async fn remove_device(&self, device: &Device) -> Result<(), BackendError> {
-        let _ = device;
-        Ok(())
+        Err(BackendError::Unsupported(format!(
+            "protocol {:?} has no device accounts to remove",
+            device.protocol
+        )))
     }
     /// A device of this client's protocol was registered: the client starts following it
     /// (e.g. asks for its XMPP presence) so that it is seen online without a restart.
