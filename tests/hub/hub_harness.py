@@ -565,8 +565,9 @@ s2s_ports = {{ }}
 component_ports = {{ }}
 http_ports = {{ }}
 https_ports = {{ }}
-modules_enabled = {{ "roster", "saslauth", "disco", "register", "offline", "ping" }}
+modules_enabled = {{ "roster", "saslauth", "disco", "register", "offline", "ping", "adhoc", "admin_adhoc" }}
 modules_disabled = {{ "s2s", "tls" }}
+admins = {{ "hub@{XMPP_DOMAIN}" }}
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 allow_registration = true
@@ -713,3 +714,14 @@ class XmppDevice:
         if self._process.poll() is None:
             self._process.kill()
             self._process.wait(timeout=STOP_TIMEOUT)
+
+
+# ----- restarting polyhub on the same data directory (durability tests) ------------------------
+
+
+def restart_polyhub(server: Polyhub) -> Polyhub:
+    """Stops `server` gracefully (SIGTERM; a non-zero exit fails the test) and starts a new
+    `polyhub run` on the same working and data directories with the same configuration. Its
+    ports are new (port 0 again). The caller stops the returned one."""
+    server.stop()
+    return Polyhub(server.binary, server.workdir, config=server.config).start()

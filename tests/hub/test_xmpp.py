@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from hub_harness import (
-    Prosody, XmppDevice, command_in_state, require_slixmpp, restart, wait_until,
-    xmpp_polyglot_config,
+    XMPP_DOMAIN, ApiError, Prosody, XmppDevice, command_in_state, require_slixmpp, restart,
+    wait_until, xmpp_polyglot_config,
 )
 
 HUB_PASSWORD = "hub-secret"
@@ -160,3 +160,43 @@ def test_a_device_added_while_polyhub_is_logged_in_comes_online_and_gets_command
     done = command_in_state(api, queued["id"], "acknowledged", "failed", "expired", "cancelled")
     assert done["state"] == "acknowledged", done
     assert done["reply"] == {"echo": "led", "payload": "on"}
+
+
+def test_device_accounts_are_created_and_removed_through_the_api(prosody, hub_factory, devices):
+    """`POST /devices/{id}/account` registers the device's XMPP account (in-band registration)
+    and shows its password once; the device logs in with it and is seen online; `DELETE`
+    removes the account through the server's admin command (the hub's account is an admin)."""
+    hub_jid = prosody.register("hub", HUB_PASSWORD)
+    polyhub = hub_factory(xmpp_polyglot_config(prosody, hub_jid, HUB_PASSWORD))
+    api = polyhub.api
+    logged_in(polyhub)
+    hub_with_xmpp_device(api, "d3")
+    account = api.post("/devices/d3/account")
+    assert account["username"] == f"d3@{XMPP_DOMAIN}", account
+    assert len(account["password"]) >= 16
+    assert_refused(lambda: api.post("/devices/d3/account"), 409, "conflict")
+
+    device = devices(prosody, account["username"], account["password"], hub_jid)
+    wait_online(api, "d3", True)
+    queued = api.post("/devices/d3/commands", {"name": "ping"})
+    done = command_in_state(api, queued["id"], "acknowledged", "failed", "expired", "cancelled")
+    assert done["state"] == "acknowledged", done
+    device.kill()
+    wait_online(api, "d3", False)
+
+    assert api.delete("/devices/d3/account") is None
+    assert_refused(lambda: api.delete("/devices/d3/account"), 409, "conflict")
+    # The name is free again: a new account, with a new password.
+    again = api.post("/devices/d3/account")
+    assert again["username"] == account["username"] and again["password"] != account["password"]
+    # MQTT devices have no accounts: a 400 that says so.
+    api.add_device("m1", "h")
+    error = assert_refused(lambda: api.post("/devices/m1/account"), 400, "invalid_request")
+    assert "does not manage device accounts" in error.message, error.message
+
+
+def assert_refused(call, status: int, code: str) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        call()
+    assert (caught.value.status, caught.value.code) == (status, code), caught.value.message
+    return caught.value

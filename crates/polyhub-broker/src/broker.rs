@@ -4,7 +4,7 @@
 //! handshake included), one `$SYS` publisher, and short timers for delayed wills and session
 //! expiry. Everything they share sits in one [`Shared`] behind an `Arc`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,8 +71,13 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Open network connections, counted from accept (so before CONNECT) to close.
     pub(crate) connections: AtomicUsize,
-    /// Cancelled by [`Broker::shutdown`]; every connection's token is a child of it.
+    /// Cancelled by [`Broker::close_network`] (and so by [`Broker::shutdown`]): accept loops
+    /// and network connections end.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled by [`Broker::shutdown`] only: in-process clients stop. Separate from
+    /// `shutdown` so that a program can disconnect every device first and still let its
+    /// in-process consumers finish what they received.
+    pub(crate) local_shutdown: CancellationToken,
     tasks: TaskCount,
     /// The next message sequence number (see [`Shared::next_seq`]).
     next_seq: AtomicU64,
@@ -183,7 +188,8 @@ impl Shared {
                 disconnected += 1;
             }
             let state = session.state.lock();
-            stored += (state.queue.len() + state.inflight.len()) as u64;
+            let unacked = state.local.as_ref().map_or(0, |acks| acks.len());
+            stored += (state.queue.len() + state.inflight.len() + unacked) as u64;
         }
         self.stats
             .clients_disconnected
@@ -221,6 +227,7 @@ impl Broker {
                 started: Instant::now(),
                 connections: AtomicUsize::new(0),
                 shutdown: CancellationToken::new(),
+                local_shutdown: CancellationToken::new(),
                 tasks: TaskCount::default(),
                 next_seq: AtomicU64::new(initial_seq()),
                 presence: broadcast::channel(PRESENCE_CAPACITY).0,
@@ -294,6 +301,21 @@ impl Broker {
     /// until their tasks have ended. Listeners stop accepting and `serve` returns; local
     /// clients' `recv` returns `None` once their queue is empty.
     pub async fn shutdown(&self) {
+        self.close_network().await;
+        self.shared.local_shutdown.cancel();
+        for session in self.shared.sessions.lock().values() {
+            if session.kind() == SessionKind::Local {
+                session.notify.notify_one();
+            }
+        }
+    }
+
+    /// The first half of [`Broker::shutdown`]: stop accepting, disconnect every network
+    /// client (as `shutdown` does) and wait until their tasks have ended, but leave in-process
+    /// clients working: they can still receive what is queued for them, acknowledge it and
+    /// publish. A graceful stop calls this first, so that nothing new arrives, then lets its
+    /// in-process consumers finish, then calls `shutdown`.
+    pub async fn close_network(&self) {
         self.shared.shutdown.cancel();
         // Connection tasks do not wait on the token (it would enlarge every idle connection);
         // they check it whenever their session's notify wakes them. A session registered
@@ -355,7 +377,7 @@ impl Broker {
         let sessions = self.shared.sessions.lock();
         sessions
             .values()
-            .filter(|session| session.kind == SessionKind::Network && session.is_online())
+            .filter(|session| session.kind() == SessionKind::Network && session.is_online())
             .map(|session| session.client_id.clone())
             .collect()
     }
@@ -365,7 +387,7 @@ impl Broker {
     /// has subscribed, a command published to it would reach nobody.
     pub fn client_reachable(&self, client_id: &str) -> Option<bool> {
         let session = self.shared.sessions.lock().get(client_id).cloned()?;
-        if session.kind != SessionKind::Network {
+        if session.kind() != SessionKind::Network {
             return None;
         }
         if !session.is_online() {
@@ -382,6 +404,103 @@ impl Broker {
         self.shared.last_seq()
     }
 
+    /// An in-process client with a **persistent** session: the session outlives the client
+    /// (dropping the client detaches it; subscriptions and queue stay, and the queue keeps
+    /// filling), it is saved in snapshots and restored, and its client acknowledges what it
+    /// has processed ([`LocalClient::ack`]): a message taken and not acknowledged is handed
+    /// out again, marked redelivered, to the next client that attaches, after a restore too.
+    ///
+    /// Resumes the session of `client_id` if there is one that no client is attached to
+    /// ([`LocalClient::session_present`] then says so); otherwise creates it, with a queue
+    /// bound of `max_queued` (0: unbounded; a resumed session keeps its own). A persistent
+    /// network session that no connection is attached to is resumed too, its messages in flight
+    /// handed out again. Fails if the id belongs to a connected network client, to a
+    /// non-persistent local client, or to a persistent one that a client is attached to, or
+    /// after shutdown. End the session for good with
+    /// [`LocalClient::end_session`] or [`Broker::discard_local_session`].
+    pub fn local_client_persistent(
+        &self,
+        client_id: &str,
+        max_queued: usize,
+    ) -> Result<LocalClient, BrokerError> {
+        if self.shared.local_shutdown.is_cancelled() {
+            return Err(BrokerError::Closed);
+        }
+        if client_id.is_empty() {
+            return Err(BrokerError::InvalidRequest("empty client id".into()));
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.shared.start_sys();
+        }
+        let in_use = || BrokerError::InvalidRequest(format!("client id {client_id:?} is in use"));
+        let mut sessions = self.shared.sessions.lock();
+        let (session, present) = match sessions.get(client_id) {
+            Some(existing) => {
+                // A detached persistent network session is resumed as well (a hub's parser
+                // moving from process to task isolation).
+                if existing.kind() != SessionKind::Local && !existing.become_local() {
+                    return Err(in_use());
+                }
+                {
+                    let mut state = existing.state.lock();
+                    match state.local.as_deref_mut() {
+                        Some(acks) if !acks.attached => {
+                            acks.attached = true;
+                            acks.redeliver_unacked();
+                        }
+                        _ => return Err(in_use()),
+                    }
+                }
+                (Arc::clone(existing), true)
+            }
+            None => {
+                let session = Arc::new(Session::new_local_persistent(
+                    self.shared.next_session_id(),
+                    client_id.to_owned(),
+                    max_queued,
+                    VecDeque::new(),
+                ));
+                if let Some(acks) = session.state.lock().local.as_deref_mut() {
+                    acks.attached = true;
+                }
+                sessions.insert(client_id.to_owned(), Arc::clone(&session));
+                (session, false)
+            }
+        };
+        drop(sessions);
+        session.set_online(true);
+        // Anything queued or to be redelivered is waiting already: make sure recv looks.
+        session.notify.notify_one();
+        Ok(LocalClient::new(Arc::clone(&self.shared), session, present))
+    }
+
+    /// End the persistent in-process session of `client_id` that no client is attached to
+    /// (one restored from a snapshot, or one whose client was dropped): its subscriptions,
+    /// queue and unacknowledged messages go. Returns whether there was such a session.
+    pub fn discard_local_session(&self, client_id: &str) -> bool {
+        let session = {
+            let mut sessions = self.shared.sessions.lock();
+            let detached = sessions.get(client_id).is_some_and(|session| {
+                session.kind() == SessionKind::Local
+                    && session
+                        .state
+                        .lock()
+                        .local
+                        .as_deref()
+                        .is_some_and(|acks| !acks.attached)
+            });
+            if !detached {
+                return false;
+            }
+            sessions.remove(client_id)
+        };
+        if let Some(session) = session {
+            session.state.lock().local = None;
+            self.shared.end_session(&session);
+        }
+        true
+    }
+
     /// An in-process client with the given client id. Fails if a session with that id exists
     /// (a network client's, even disconnected, or another local client's) or after shutdown.
     pub fn local_client(&self, client_id: &str) -> Result<LocalClient, BrokerError> {
@@ -396,7 +515,7 @@ impl Broker {
         client_id: &str,
         max_queued: usize,
     ) -> Result<LocalClient, BrokerError> {
-        if self.shared.shutdown.is_cancelled() {
+        if self.shared.local_shutdown.is_cancelled() {
             return Err(BrokerError::Closed);
         }
         if client_id.is_empty() {
@@ -421,7 +540,7 @@ impl Broker {
             sessions.insert(client_id.to_owned(), Arc::clone(&session));
             session
         };
-        Ok(LocalClient::new(Arc::clone(&self.shared), session))
+        Ok(LocalClient::new(Arc::clone(&self.shared), session, false))
     }
 }
 

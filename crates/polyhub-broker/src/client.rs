@@ -1211,7 +1211,8 @@ where
 }
 
 /// Find or create the session for `client_id`, taking it over from a connection still
-/// attached, and attach to it. `None` when a local client holds the id.
+/// attached (or from a detached persistent local client), and attach to it. `None` when a
+/// local client holds the id.
 ///
 /// Waiting for the previous connection is bounded by the caller; the wait is retried in short
 /// slices so that a connection that attached in between (a third client) is asked to go too.
@@ -1241,8 +1242,29 @@ async fn acquire_session(shared: &Shared, client_id: &str, clean_start: bool) ->
                 resend: Vec::new(),
             });
         };
-        if existing.kind == SessionKind::Local {
-            return None;
+        if existing.kind() == SessionKind::Local {
+            // A persistent in-process session nobody is attached to is resumed by a CONNECT
+            // that asks to keep its session (a hub's parser moving from task to process
+            // isolation); anything else of a local client is not for the network to take.
+            if clean_start {
+                return None;
+            }
+            let sessions = shared.sessions.lock();
+            if !sessions
+                .get(client_id)
+                .is_some_and(|current| Arc::ptr_eq(current, &existing))
+            {
+                continue;
+            }
+            if !existing.become_network() {
+                return None;
+            }
+            drop(sessions);
+            tracing::info!(
+                client_id,
+                "A network client resumes the in-process session of its client id."
+            );
+            continue;
         }
         let attached = {
             let mut state = existing.state.lock();

@@ -8,8 +8,12 @@
 //! Lock order: sessions map → subscription tree → session state → retained store. Routing takes
 //! the tree's read lock only to collect targets and releases it before locking any session.
 //! A session's `persistence` mutex is a leaf: nothing else is locked while it is held.
+//!
+//! Persistent in-process sessions (see `local.rs`) keep one more thing in their state: what
+//! their client has taken and not yet acknowledged ([`LocalAcks`]). It sits behind an
+//! `Option<Box<_>>` so that the many network sessions pay one pointer for it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -43,7 +47,9 @@ pub(crate) struct Session {
     /// Unique for the broker's lifetime (never 0, which is the broker itself).
     pub(crate) id: u64,
     pub(crate) client_id: String,
-    pub(crate) kind: SessionKind,
+    /// Who drives it ([`SessionKind`]); changes only when a client of the other kind takes over a
+    /// detached persistent session ([`Session::become_network`], [`Session::become_local`]).
+    is_local: AtomicBool,
     /// Most deliveries queued (beyond those in flight); 0 = unbounded.
     max_queued: usize,
     /// Whether a connection (or a local client) is attached; read without the lock by routing
@@ -87,7 +93,7 @@ impl fmt::Debug for Session {
         f.debug_struct("Session")
             .field("id", &self.id)
             .field("client_id", &self.client_id)
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .field("online", &self.is_online())
             .finish_non_exhaustive()
     }
@@ -140,6 +146,68 @@ pub(crate) struct SessionState {
     pub(crate) pending_will: Option<Box<Message>>,
     dropped_since_log: u64,
     last_drop_log: Option<Instant>,
+    /// `Some` for the persistent session of an in-process client: its acknowledgement state.
+    pub(crate) local: Option<Box<LocalAcks>>,
+}
+
+/// What a persistent in-process session has handed out and not had acknowledged.
+///
+/// Its client acknowledges explicitly (by token) once it has done its work with a message;
+/// until then the message belongs to the session, is saved in snapshots and is handed out
+/// again, marked redelivered, to the next client that attaches (or when the client asks).
+#[derive(Debug, Default)]
+pub(crate) struct LocalAcks {
+    /// Whether a [`LocalClient`](crate::LocalClient) is attached.
+    pub(crate) attached: bool,
+    /// The next token; tokens are never reused within a session (0 means "no ack needed").
+    next_token: u64,
+    /// QoS 1/2 deliveries handed out and not acknowledged, by token, so in hand-out order.
+    pub(crate) unacked: BTreeMap<u64, Delivery>,
+    /// Deliveries to hand out again, before anything from the queue.
+    pub(crate) redeliver: VecDeque<Delivery>,
+}
+
+impl LocalAcks {
+    /// Acknowledgement state for a session that resumes with `redeliver` pending.
+    pub(crate) fn with_redeliveries(redeliver: VecDeque<Delivery>) -> LocalAcks {
+        LocalAcks {
+            attached: false,
+            next_token: 1,
+            unacked: BTreeMap::new(),
+            redeliver,
+        }
+    }
+
+    /// Remember `delivery` as handed out; returns its token (0 for QoS 0, which needs none).
+    pub(crate) fn hand_out(&mut self, delivery: &Delivery) -> u64 {
+        if delivery.qos == QoS::AtMostOnce {
+            return 0;
+        }
+        let token = self.next_token.max(1);
+        self.next_token = token + 1;
+        self.unacked.insert(token, delivery.clone());
+        token
+    }
+
+    /// Everything handed out and not acknowledged goes back to be handed out again, first,
+    /// ahead of older redeliveries not yet handed out (those were handed out before them).
+    pub(crate) fn redeliver_unacked(&mut self) {
+        let unacked = std::mem::take(&mut self.unacked);
+        for (_, delivery) in unacked.into_iter().rev() {
+            self.redeliver.push_front(delivery);
+        }
+    }
+
+    /// What a snapshot saves: every delivery not acknowledged, in the order it is to be
+    /// handed out again.
+    pub(crate) fn pending(&self) -> impl Iterator<Item = &Delivery> {
+        self.unacked.values().chain(self.redeliver.iter())
+    }
+
+    /// How many deliveries are not acknowledged.
+    pub(crate) fn len(&self) -> usize {
+        self.unacked.len() + self.redeliver.len()
+    }
 }
 
 impl Session {
@@ -147,7 +215,7 @@ impl Session {
         Session {
             id,
             client_id,
-            kind,
+            is_local: AtomicBool::new(kind == SessionKind::Local),
             max_queued,
             online: AtomicBool::new(kind == SessionKind::Local),
             state: Mutex::new(SessionState {
@@ -163,11 +231,93 @@ impl Session {
                 pending_will: None,
                 dropped_since_log: 0,
                 last_drop_log: None,
+                local: None,
             }),
             notify: Notify::new(),
             owner: Arc::new(Semaphore::new(1)),
             persistence: Mutex::new(PersistenceInfo::default()),
         }
+    }
+
+    /// The persistent session of an in-process client, not attached yet: it queues like an
+    /// offline session until a [`LocalClient`](crate::LocalClient) attaches, and `pending` is
+    /// handed out first, marked redelivered.
+    pub(crate) fn new_local_persistent(
+        id: u64,
+        client_id: String,
+        max_queued: usize,
+        pending: VecDeque<Delivery>,
+    ) -> Session {
+        let session = Session::new(id, client_id, SessionKind::Local, max_queued);
+        session.online.store(false, Ordering::Release);
+        session.state.lock().local = Some(Box::new(LocalAcks::with_redeliveries(pending)));
+        session
+    }
+
+    /// Who drives this session.
+    pub(crate) fn kind(&self) -> SessionKind {
+        if self.is_local.load(Ordering::Acquire) {
+            SessionKind::Local
+        } else {
+            SessionKind::Network
+        }
+    }
+
+    /// Turns a detached persistent in-process session into a network one for a CONNECT that
+    /// resumes its client id (a hub switched from task to process isolation): what the local
+    /// client had taken and not acknowledged goes back to the front of the queue, in order,
+    /// and the subscriptions stay, so nothing routed to it meanwhile is lost. Returns `false`
+    /// (and changes nothing) for a session that is not such a session. Call with the sessions
+    /// map locked.
+    pub(crate) fn become_network(&self) -> bool {
+        let mut state = self.state.lock();
+        if self.kind() != SessionKind::Local
+            || !state.local.as_deref().is_some_and(|acks| !acks.attached)
+        {
+            return false;
+        }
+        if let Some(acks) = state.local.take() {
+            let LocalAcks {
+                unacked, redeliver, ..
+            } = *acks;
+            let mut pending: VecDeque<Delivery> = unacked.into_values().chain(redeliver).collect();
+            pending.append(&mut state.queue);
+            state.queue = pending;
+        }
+        state.attached = false;
+        self.is_local.store(false, Ordering::Release);
+        true
+    }
+
+    /// Turns a detached persistent network session into an in-process one for a local client
+    /// that resumes its client id (a hub switched from process to task isolation): messages in
+    /// flight that the client had not received for sure are handed out again first; timers
+    /// armed at the network client's detach (will, expiry) no longer apply. Returns `false` (and
+    /// changes nothing) when a connection is attached or the session is not a network one.
+    /// Call with the sessions map locked.
+    pub(crate) fn become_local(&self) -> bool {
+        let mut state = self.state.lock();
+        if self.kind() != SessionKind::Network || state.attached {
+            return false;
+        }
+        // A PUBREL stage means the client has the message (it sent PUBREC).
+        let pending: VecDeque<Delivery> = state
+            .inflight
+            .drain(..)
+            .filter(|entry| entry.stage != Awaiting::Comp)
+            .map(|entry| entry.delivery)
+            .collect();
+        state.awaiting_release.clear();
+        state.pending_will = None;
+        state.detach_epoch = state.detach_epoch.wrapping_add(1);
+        state.local = Some(Box::new(LocalAcks::with_redeliveries(pending)));
+        self.is_local.store(true, Ordering::Release);
+        true
+    }
+
+    /// The queue bound of this session (0: unbounded).
+    pub(crate) fn max_queued(&self) -> usize {
+        self.max_queued
     }
 
     /// Record the session settings of the connection that attached (for snapshots).

@@ -87,6 +87,16 @@ pub trait BusConnector: Send + Sync + std::fmt::Debug + 'static {
         client_id: &str,
         persistent: bool,
     ) -> Result<Box<dyn BusClient>, BusError>;
+
+    /// Makes sure the persistent session of `client_id` exists before a client in another
+    /// process connects to it over the network (a process-isolated parser), so that the
+    /// session is made with this bus's terms rather than an ordinary client's: the embedded
+    /// broker's LocalBus makes it unbounded, because ingest must never drop. The default does
+    /// nothing (an external broker's sessions follow that broker's configuration).
+    async fn prepare_session(&self, client_id: &str) -> Result<(), BusError> {
+        let _ = client_id;
+        Ok(())
+    }
 }
 
 /// A client connected to or disconnected from the broker (the embedded broker reports these;

@@ -31,6 +31,10 @@ pub struct ChannelTemplates {
     pub manager: String,
     /// Where answers to `manager` requests go. No placeholders.
     pub manager_reply: String,
+    /// Where a device reports its own presence, `online` or `offline` (meant to be a retained
+    /// message and the device's last will). Needs `{device}`. This is how presence reaches
+    /// polyhub when the broker is external and its connection events are out of sight.
+    pub presence: String,
 }
 
 impl Default for ChannelTemplates {
@@ -43,6 +47,7 @@ impl Default for ChannelTemplates {
             register_reply: "/{hub}/register_reply".to_owned(),
             manager: "/hub_manager/cmd".to_owned(),
             manager_reply: "/hub_manager/reply".to_owned(),
+            presence: "/{hub}/{device}/presence".to_owned(),
         }
     }
 }
@@ -226,6 +231,16 @@ impl ChannelTemplates {
                     allows_device: false,
                 },
             ),
+            (
+                &self.presence,
+                Rule {
+                    name: "presence",
+                    needs_hub: false,
+                    needs_device: true,
+                    allows_hub: true,
+                    allows_device: true,
+                },
+            ),
         ];
         for (template, rule) in &rules {
             validate_template(template, rule)?;
@@ -235,6 +250,13 @@ impl ChannelTemplates {
         if self.command_reply == self.command || self.command_reply == self.data {
             return Err(HubError::Config(
                 "[hub.channels] command_reply must differ from command and data".into(),
+            ));
+        }
+        // A presence report read as telemetry, a command or a reply (or the other way round)
+        // would be a dead letter or a bogus command answer.
+        if [&self.data, &self.command, &self.command_reply].contains(&&self.presence) {
+            return Err(HubError::Config(
+                "[hub.channels] presence must differ from data, command and command_reply".into(),
             ));
         }
         if self.register == self.manager {
@@ -294,6 +316,25 @@ impl ChannelTemplates {
         match_template(&self.register, topic).and_then(|(hub, _)| hub)
     }
 
+    /// The topic a device reports its presence on.
+    pub fn presence_topic(&self, hub: &str, device: &str) -> String {
+        render(&self.presence, hub, device)
+    }
+
+    /// The filter matching every device's presence channel (`/+/+/presence` by default).
+    pub fn presence_filter(&self) -> String {
+        render(&self.presence, "+", "+")
+    }
+
+    /// The device (and hub) whose presence channel `topic` is, if it is one.
+    pub fn parse_presence_topic<'t>(&self, topic: &'t str) -> Option<DataTopic<'t>> {
+        let (hub, device) = match_template(&self.presence, topic)?;
+        Some(DataTopic {
+            hub,
+            device: device?,
+        })
+    }
+
     /// The device (and hub) whose data channel `topic` is, if it is one.
     pub fn parse_data_topic<'t>(&self, topic: &'t str) -> Option<DataTopic<'t>> {
         let (hub, device) = match_template(&self.data, topic)?;
@@ -301,6 +342,20 @@ impl ChannelTemplates {
             hub,
             device: device?,
         })
+    }
+}
+
+/// Reads the payload of a presence channel message: `online` or `offline` (also `true` /
+/// `false` and `1` / `0`), any case, ASCII whitespace trimmed. `None` for anything else.
+pub fn parse_presence_payload(payload: &[u8]) -> Option<bool> {
+    let word = payload.trim_ascii();
+    let is = |expected: &str| word.eq_ignore_ascii_case(expected.as_bytes());
+    if is("online") || is("true") || is("1") {
+        Some(true)
+    } else if is("offline") || is("false") || is("0") {
+        Some(false)
+    } else {
+        None
     }
 }
 
@@ -359,6 +414,61 @@ mod tests {
         assert_eq!(templates.register_topic("h1"), "/h1/register_cmd");
         assert_eq!(templates.register_reply_topic("h1"), "/h1/register_reply");
         assert_eq!(templates.register_filter(), "/+/register_cmd");
+        assert_eq!(templates.presence_topic("h1", "d1"), "/h1/d1/presence");
+        assert_eq!(templates.presence_filter(), "/+/+/presence");
+    }
+
+    #[test]
+    fn presence_template_needs_device_and_its_own_channel() {
+        assert!(
+            with(|t| t.presence = "/{hub}/presence".into())
+                .validate()
+                .is_err()
+        );
+        for taken in [
+            "/{hub}/{device}/data",
+            "/{hub}/{device}/cmd",
+            "/{hub}/{device}/cmd_reply",
+        ] {
+            let error = with(|t| t.presence = taken.into()).validate().unwrap_err();
+            assert!(
+                error.to_string().contains("presence must differ"),
+                "{error}"
+            );
+        }
+        let templates = with(|t| t.presence = "status/{device}".into());
+        templates.validate().unwrap();
+        assert_eq!(templates.presence_filter(), "status/+");
+        assert_eq!(
+            templates.parse_presence_topic("status/d9"),
+            Some(DataTopic {
+                hub: None,
+                device: "d9"
+            })
+        );
+        let templates = ChannelTemplates::default();
+        assert_eq!(
+            templates.parse_presence_topic("/h1/d1/presence"),
+            Some(DataTopic {
+                hub: Some("h1"),
+                device: "d1"
+            })
+        );
+        assert_eq!(templates.parse_presence_topic("/h1/d1/data"), None);
+        assert_eq!(templates.parse_presence_topic("/h1//presence"), None);
+    }
+
+    #[test]
+    fn presence_payloads_are_online_or_offline_words() {
+        for online in [&b"online"[..], b"ONLINE", b" online\n", b"true", b"1"] {
+            assert_eq!(parse_presence_payload(online), Some(true), "{online:?}");
+        }
+        for offline in [&b"offline"[..], b"Offline", b"false", b"0"] {
+            assert_eq!(parse_presence_payload(offline), Some(false), "{offline:?}");
+        }
+        for other in [&b""[..], b"on", b"onlinex", b"{\"online\":true}", b"\xff"] {
+            assert_eq!(parse_presence_payload(other), None, "{other:?}");
+        }
     }
 
     #[test]
@@ -533,6 +643,7 @@ mod tests {
             let _ = templates.parse_data_topic(&topic);
             let _ = templates.parse_register_topic(&topic);
             let _ = templates.parse_command_reply_topic(&topic);
+            let _ = templates.parse_presence_topic(&topic);
             let _ = parse_sgframework_topic(&topic);
         }
 

@@ -17,6 +17,7 @@
 //! - [`bus`]: the broker as the hub sees it (traits; the binary supplies implementations).
 //! - `parser` (private): one hub's ingest loop: subscribe the registered devices' channels,
 //!   decode, batch, commit, then acknowledge.
+//! - `presence` (private): the presence channel of hub-style devices, as the parser reads it.
 //! - `supervisor` (private): runs one hub's parser as a task or a child process, restarts it
 //!   with backoff when it fails, and publishes its [`ParserStatus`](polyhub_store::ParserStatus).
 //! - [`manager`]: [`HubManager`], the handle the binary and the API use; it owns the
@@ -34,6 +35,7 @@ pub mod decode;
 pub mod error;
 pub mod manager;
 mod parser;
+mod presence;
 mod supervisor;
 
 pub use channels::ChannelTemplates;

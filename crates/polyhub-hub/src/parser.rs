@@ -26,6 +26,7 @@ use crate::channels::{SgframeworkTopic, parse_sgframework_topic, sgframework_fil
 use crate::config::HubConfig;
 use crate::decode::{check_signal, decode, decode_single};
 use crate::error::HubError;
+use crate::presence;
 
 /// Devices listed from the store per page at start-up.
 const DEVICE_PAGE: u32 = 1000;
@@ -121,7 +122,10 @@ pub(crate) async fn run_parser(
     });
     debug!(hub = %parser.hub_id, devices = parser.devices.len(), "parser ready");
 
-    let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+    // Not at once: what the session redelivers (first, at start-up) must be checked against
+    // the recorded seqs before any is forgotten; after a crash followed by a long downtime,
+    // an immediate prune would let the redeliveries of committed messages through again.
+    let mut prune = tokio::time::interval_at(Instant::now() + PRUNE_INTERVAL, PRUNE_INTERVAL);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = parser.batch.deadline;
@@ -153,9 +157,42 @@ pub(crate) async fn run_parser(
                     }
                 }
                 None => {
-                    parser.flush().await?;
+                    // Committed even if the acknowledgement cannot reach the broker any more:
+                    // the commit recorded the seqs, so a redelivery is skipped.
+                    let flushed = parser.flush().await;
+                    if broker_gone_before_stop(&stop, &mut commands).await {
+                        return Ok(());
+                    }
+                    flushed?;
                     return Err(HubError::Bus(BusError::Closed("the broker is shutting down".into())));
                 }
+            },
+        }
+    }
+}
+
+/// How long a parser whose broker said it is shutting down waits for its own stop before it
+/// reports a failure.
+const BROKER_GONE_GRACE: Duration = Duration::from_secs(2);
+
+/// After the broker announced an orderly shutdown: whether the parser's own stop follows
+/// within [`BROKER_GONE_GRACE`]. It usually does: polyhub disconnects every network client
+/// (a process-isolated parser's connection included) before it stops the parsers, and a
+/// parser stopped that way has not failed. Commands that arrive meanwhile are refused.
+async fn broker_gone_before_stop(
+    stop: &CancellationToken,
+    commands: &mut mpsc::Receiver<ParserCommand>,
+) -> bool {
+    let deadline = Instant::now() + BROKER_GONE_GRACE;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return true,
+            () = tokio::time::sleep_until(deadline) => return false,
+            command = commands.recv() => match command {
+                Some(ParserCommand::AddDevice { answer, .. } | ParserCommand::RemoveDevice { answer, .. }) => {
+                    let _ = answer.send(Err("the broker is shutting down".to_owned()));
+                }
+                None => return true,
             },
         }
     }
@@ -195,7 +232,9 @@ struct Parser {
 impl Parser {
     fn filters(&self, device_id: &str) -> Vec<String> {
         match self.style {
-            ChannelStyle::Hub => vec![self.config.channels.data_topic(&self.hub_id, device_id)],
+            ChannelStyle::Hub => {
+                presence::device_filters(&self.config.channels, &self.hub_id, device_id)
+            }
             ChannelStyle::Sgframework => sgframework_filters(device_id).to_vec(),
         }
     }
@@ -286,7 +325,14 @@ impl Parser {
         }
         let received_at = message.received_at;
         let ingested = match self.style {
-            ChannelStyle::Hub => self.classify_hub(&message),
+            ChannelStyle::Hub => presence::classify(
+                &self.config.channels,
+                &self.hub_id,
+                &self.devices,
+                &message,
+                &mut self.batch.presence,
+            )
+            .unwrap_or_else(|| self.classify_hub(&message)),
             ChannelStyle::Sgframework => self.classify_sgframework(&message),
         };
         let (device_id, outcome) = match ingested {

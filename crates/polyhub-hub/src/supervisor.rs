@@ -24,7 +24,9 @@ use tracing::{info, warn};
 
 use crate::child::{ChildEvent, ParentOp};
 use crate::config::HubConfig;
-use crate::parser::{CommandAnswer, ParserCommand, ParserContext, ParserNotice, run_parser};
+use crate::parser::{
+    CommandAnswer, ParserCommand, ParserContext, ParserNotice, parser_client_id, run_parser,
+};
 
 /// How long a child parser may take to flush and exit after `stop` before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -311,6 +313,15 @@ async fn launch(
                     "hub {hub_id:?} asks for process isolation, but no parser program is configured"
                 )
             })?;
+            // Not fatal: the child then gets an ordinary session, as before.
+            if let Err(error) = spec
+                .context
+                .bus
+                .prepare_session(&parser_client_id(hub_id))
+                .await
+            {
+                tracing::warn!(hub = %hub_id, "the parser's session could not be prepared: {error}");
+            }
             launch_process(command, hub_id, stop)?
         }
     };

@@ -330,7 +330,12 @@ async fn subscribes_the_reply_echo_and_presence_channels() {
     assert_eq!(state.connects, 1);
     assert_eq!(
         state.subscriptions,
-        ["/+/+/cmd_reply", "data/+/+", "resourceavailable/+/presence"]
+        [
+            "/+/+/cmd_reply",
+            "/+/+/presence",
+            "data/+/+",
+            "resourceavailable/+/presence"
+        ]
     );
 }
 
@@ -594,6 +599,39 @@ async fn sgframework_presence_is_reported_for_sgframework_devices_only() {
 }
 
 #[tokio::test]
+async fn hub_presence_channel_is_reported_for_devices_of_hub_style_hubs() {
+    let mut world = world().await;
+    // Not this device's hub, an unknown device, an sgframework device, a bad payload: ignored.
+    world.bus.deliver("/sg/d1/presence", b"online", None);
+    world.bus.deliver("/h1/ghost/presence", b"online", None);
+    world.bus.deliver("/sg/s1/presence", b"online", None);
+    world.bus.deliver("/h1/d1/presence", b"maybe", None);
+    world.bus.deliver("/h1/d1/presence", b"online", None);
+    assert_eq!(
+        world.next_event().await,
+        BackendEvent::Presence {
+            device_id: "d1".into(),
+            online: true,
+            at: 1_000
+        }
+    );
+    assert_eq!(world.backend.is_online("d1"), Some(true));
+    assert_eq!(world.backend.is_online("s1"), None);
+    // What the device's last will says when its connection is lost.
+    world.bus.deliver("/h1/d1/presence", b"offline", None);
+    assert_eq!(
+        world.next_event().await,
+        BackendEvent::Presence {
+            device_id: "d1".into(),
+            online: false,
+            at: 1_000
+        }
+    );
+    assert_eq!(world.backend.is_online("d1"), Some(false));
+    world.bus.wait_acked(6).await;
+}
+
+#[tokio::test]
 async fn commands_go_out_in_call_order() {
     let world = world().await;
     let mut expected = Vec::new();
@@ -732,7 +770,7 @@ async fn after_a_lost_connection_it_reconnects_and_subscribes_again() {
     })
     .await
     .expect("reconnects within 5 s");
-    assert_eq!(world.bus.state().subscriptions.len(), 6);
+    assert_eq!(world.bus.state().subscriptions.len(), 8);
     world
         .send("d1", "cmd-1", "x", serde_json::Value::Null)
         .await;
@@ -829,4 +867,36 @@ async fn the_factory_refuses_bad_settings() {
     assert_eq!(client.protocol(), "ext");
     assert_eq!(*seen.lock().unwrap(), ["127.0.0.1:1883"]);
     with_bus.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn with_an_external_hub_broker_the_hub_bus_is_used_and_embedded_is_refused() {
+    let (_dir, store) = store().await;
+    let bus = FakeBus::default();
+    let factory = MqttClientFactory::new(PresenceTable::default()).with_external_hub();
+    let (context, _events) = context(Arc::clone(&store), Some(Arc::new(bus.clone())));
+    let embedded: toml::Table = toml::from_str("broker = \"embedded\"").unwrap();
+    let result = factory.build("mqtt", embedded, context.clone()).await;
+    assert!(
+        matches!(&result, Err(BackendError::Config(message)) if message.contains("broker = \"hub\"")),
+        "{result:?}"
+    );
+    assert_eq!(bus.state().connects, 0);
+    // The default, "hub", is the external broker the hub uses.
+    let client = factory
+        .build("mqtt", toml::Table::new(), context.clone())
+        .await
+        .expect("builds");
+    assert_eq!(bus.state().connects, 1);
+    let outcome = client
+        .send_command(
+            &store.get_device("d1").await.unwrap(),
+            &command("d1", "cmd-1", "x", serde_json::Value::Null),
+        )
+        .await
+        .unwrap();
+    // Nothing reported the device online yet.
+    assert_eq!(outcome, SendOutcome::Sent);
+    assert_eq!(bus.published().len(), 1);
+    context.shutdown.cancel();
 }

@@ -1,8 +1,10 @@
 //! `polyhub parser --hub ID`: one hub's parser in its own process.
 //!
 //! The hub manager of a `polyhub run` starts this for hubs in process isolation. It reads the
-//! same configuration as its parent, opens the same database, connects to the parent's broker
-//! over MQTT, and speaks the JSON-lines protocol of `polyhub_hub::child` on its standard input
+//! same configuration as its parent, opens the same database, connects over MQTT to the
+//! parent's broker (`--mqtt-connect`) or to the external broker the parent uses
+//! (`--external-broker`, with the rest of `[external_broker]` from the same file and
+//! environment), and speaks the JSON-lines protocol of `polyhub_hub::child` on its standard input
 //! and output (logs go to standard error). It exits when its input closes, so a parent that dies
 //! never leaves it behind.
 
@@ -20,11 +22,21 @@ pub(crate) fn run(args: ParserArgs) -> Result<(), Failure> {
     let flags = Overrides {
         data_dir: args.data_dir.clone(),
         log: args.log.clone(),
+        external_broker: args.external_broker.clone(),
         ..Overrides::default()
     };
     let (config, _) = config::load(args.config.as_deref(), &flags, |name| {
         std::env::var_os(name)
     })?;
+    let bus = match (args.mqtt_connect, &config.external_broker) {
+        (Some(address), _) => MqttBus::new(address),
+        (None, Some(external)) => MqttBus::with_options(external.bus_options()?),
+        (None, None) => {
+            return Err(Failure::Config(anyhow!(
+                "polyhub parser needs --mqtt-connect ADDR or an external broker"
+            )));
+        }
+    };
     crate::run::init_logging(&config.log.level)?;
     let store = crate::platform::open_store(&config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -42,10 +54,14 @@ pub(crate) fn run(args: ParserArgs) -> Result<(), Failure> {
             signals.recv().await;
             on_signal.cancel();
         });
-        let bus = Arc::new(MqttBus::new(args.mqtt_connect));
-        polyhub_hub::run_child_parser(&args.hub, config.hub, store, bus, shutdown)
-            .await
-            .map_err(|error| Failure::Runtime(anyhow!("parser of hub {}: {error}", args.hub)))
+        let bus = Arc::new(bus);
+        let result =
+            polyhub_hub::run_child_parser(&args.hub, config.hub, store, bus.clone(), shutdown)
+                .await
+                .map_err(|error| Failure::Runtime(anyhow!("parser of hub {}: {error}", args.hub)));
+        // The last acknowledgements go out before the process ends.
+        bus.closed().await;
+        result
     });
     // Standard input is read on a blocking thread that stays parked in read(2) until the
     // parent closes the pipe; waiting for it at runtime drop would keep a stopped child alive.

@@ -47,9 +47,13 @@ pub(crate) struct ParserArgs {
     /// The hub to ingest.
     #[arg(long, value_name = "ID")]
     pub(crate) hub: String,
-    /// The MQTT listener of the parent polyhub to connect to.
-    #[arg(long, value_name = "ADDR")]
-    pub(crate) mqtt_connect: SocketAddr,
+    /// The MQTT listener of the parent polyhub to connect to (embedded broker).
+    #[arg(long, value_name = "ADDR", conflicts_with = "external_broker")]
+    pub(crate) mqtt_connect: Option<SocketAddr>,
+    /// The external broker the parent uses, `mqtt://HOST:PORT` or `mqtts://HOST:PORT`
+    /// (its other settings come from the configuration file and environment).
+    #[arg(long, value_name = "URL")]
+    pub(crate) external_broker: Option<String>,
     /// Configuration file (TOML) of the parent.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
@@ -107,6 +111,11 @@ pub(crate) struct RunArgs {
     /// [env: POLYHUB_HTTP_LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub(crate) http_listen: Option<SocketAddr>,
+    /// Use this MQTT broker instead of the embedded one, mqtt://HOST:PORT or
+    /// mqtts://HOST:PORT; the embedded broker then does not listen
+    /// [env: POLYHUB_EXTERNAL_BROKER]
+    #[arg(long, value_name = "URL")]
+    pub(crate) external_broker: Option<String>,
 }
 
 impl RunArgs {
@@ -123,6 +132,10 @@ impl RunArgs {
             // A boolean flag can only turn the requirement on; absent means "not said".
             tls_require_client_cert: self.tls_require_client_cert.then_some(true),
             http_listen: self.http_listen,
+            external_broker: self.external_broker.clone(),
+            // Secrets have no flags: command lines are visible to every user of the machine.
+            external_broker_username: None,
+            external_broker_password: None,
         }
     }
 }
@@ -181,6 +194,8 @@ mod tests {
             "polyhub.toml",
             "--http-listen",
             "127.0.0.1:0",
+            "--external-broker",
+            "mqtt://127.0.0.1:1884",
         ]);
         assert_eq!(args.config, Some(PathBuf::from("polyhub.toml")));
         assert_eq!(
@@ -195,7 +210,38 @@ mod tests {
                 tls_ca: Some("ca.pem".into()),
                 tls_require_client_cert: Some(true),
                 http_listen: Some("127.0.0.1:0".parse().unwrap()),
+                external_broker: Some("mqtt://127.0.0.1:1884".into()),
+                external_broker_username: None,
+                external_broker_password: None,
             }
+        );
+    }
+
+    #[test]
+    fn a_parser_child_connects_to_the_parent_or_to_the_external_broker() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["polyhub", "parser", "--hub", "h1"].iter().chain(args))
+        };
+        let Command::Parser(args) = parse(&["--mqtt-connect", "127.0.0.1:1883"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a parser command");
+        };
+        assert_eq!(args.mqtt_connect, Some("127.0.0.1:1883".parse().unwrap()));
+        let Command::Parser(args) = parse(&["--external-broker", "mqtt://b:1"]).unwrap().command
+        else {
+            panic!("not a parser command");
+        };
+        assert_eq!(args.external_broker.as_deref(), Some("mqtt://b:1"));
+        assert!(
+            parse(&[
+                "--mqtt-connect",
+                "127.0.0.1:1883",
+                "--external-broker",
+                "mqtt://b:1"
+            ])
+            .is_err()
         );
     }
 

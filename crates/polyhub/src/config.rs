@@ -45,10 +45,16 @@ pub(crate) mod env {
     pub(crate) const TLS_REQUIRE_CLIENT_CERT: &str = "POLYHUB_TLS_REQUIRE_CLIENT_CERT";
     /// `[http] listen`.
     pub(crate) const HTTP_LISTEN: &str = "POLYHUB_HTTP_LISTEN";
+    /// `[external_broker] url`.
+    pub(crate) const EXTERNAL_BROKER: &str = "POLYHUB_EXTERNAL_BROKER";
+    /// `[external_broker] username`.
+    pub(crate) const EXTERNAL_BROKER_USERNAME: &str = "POLYHUB_EXTERNAL_BROKER_USERNAME";
+    /// `[external_broker] password`.
+    pub(crate) const EXTERNAL_BROKER_PASSWORD: &str = "POLYHUB_EXTERNAL_BROKER_PASSWORD";
 
     /// Every variable, for documentation checks.
     #[cfg(test)]
-    pub(crate) const ALL: [&str; 10] = [
+    pub(crate) const ALL: [&str; 13] = [
         CONFIG,
         DATA_DIR,
         LOG,
@@ -59,6 +65,9 @@ pub(crate) mod env {
         TLS_CA,
         TLS_REQUIRE_CLIENT_CERT,
         HTTP_LISTEN,
+        EXTERNAL_BROKER,
+        EXTERNAL_BROKER_USERNAME,
+        EXTERNAL_BROKER_PASSWORD,
     ];
 }
 
@@ -83,6 +92,9 @@ pub(crate) struct Config {
     pub(crate) polyglot: polyhub_polyglot::PolyglotConfig,
     /// The `[commands]` section: the command lifecycle.
     pub(crate) commands: polyhub_polyglot::CommandConfig,
+    /// The `[external_broker]` section: when present, the hub and the MQTT command client
+    /// use this broker instead of the embedded one, which then serves no listener.
+    pub(crate) external_broker: Option<ExternalBrokerConfig>,
 }
 
 /// The `[storage]` section.
@@ -104,7 +116,165 @@ impl Default for Config {
             storage: StorageConfig::default(),
             polyglot: polyhub_polyglot::PolyglotConfig::default(),
             commands: polyhub_polyglot::CommandConfig::default(),
+            external_broker: None,
         }
+    }
+}
+
+/// The `[external_broker]` section: an MQTT broker run by someone else (Mosquitto, EMQX)
+/// that devices connect to; polyhub's parsers, hub manager and MQTT command client connect
+/// to it as MQTT 5 clients. `Debug` leaves the password out.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExternalBrokerConfig {
+    /// `mqtt://HOST[:PORT]` (port 1883 by default) or `mqtts://HOST[:PORT]` (8883).
+    pub(crate) url: String,
+    /// User name polyhub's clients log in with.
+    #[serde(default)]
+    pub(crate) username: Option<String>,
+    /// Password polyhub's clients log in with (needs `username`).
+    #[serde(default)]
+    pub(crate) password: Option<String>,
+    /// `mqtts` only: PEM file with the CA certificates the broker's certificate must chain
+    /// to (required with `mqtts`: the system's roots are not used).
+    #[serde(default)]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Put before every client id polyhub uses on the broker (`polyhub-parser-<hub>`,
+    /// `polyhub-hub-manager`, `polyhub-polyglot-<name>`), so that several polyhub
+    /// installations can share one broker without taking each other's sessions.
+    #[serde(default)]
+    pub(crate) client_id_prefix: String,
+}
+
+impl std::fmt::Debug for ExternalBrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalBrokerConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("ca_file", &self.ca_file)
+            .field("client_id_prefix", &self.client_id_prefix)
+            .finish()
+    }
+}
+
+/// Where an external broker is, read from its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BrokerUrl {
+    /// `mqtts://`.
+    pub(crate) tls: bool,
+    /// Host name or IP address (IPv6 without brackets).
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+impl BrokerUrl {
+    /// Parses `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]` (IPv6 as `[::1]`), with nothing
+    /// after the address but an optional `/`. The error is a reason without the URL.
+    pub(crate) fn parse(url: &str) -> Result<BrokerUrl, String> {
+        const EXPECTED: &str = "expected mqtt://HOST:PORT or mqtts://HOST:PORT";
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            return Err(EXPECTED.to_owned());
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('@') {
+            return Err(
+                "user names and passwords go in username and password, not in the URL".to_owned(),
+            );
+        }
+        if authority.contains(['/', '?', '#']) {
+            return Err(format!("{EXPECTED} (no path or query)"));
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| format!("{EXPECTED} (unclosed '[' around an IPv6 address)"))?;
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(|| EXPECTED.to_owned())?),
+            };
+            (host, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{EXPECTED} (the host is missing)"));
+        }
+        if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{EXPECTED} (the host contains spaces)"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+            },
+        };
+        Ok(BrokerUrl {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl ExternalBrokerConfig {
+    /// How polyhub's clients reach the broker: the URL read, credentials checked, the CA
+    /// file loaded. Every error names the key at fault.
+    pub(crate) fn bus_options(&self) -> Result<crate::bus::mqtt::MqttBusOptions, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid(format!("[external_broker] {reason}"));
+        let url = BrokerUrl::parse(&self.url)
+            .map_err(|reason| invalid(format!("url = {:?}: {reason}", self.url)))?;
+        if self.password.is_some() && self.username.is_none() {
+            return Err(invalid(format!(
+                "password needs username ({})",
+                env::EXTERNAL_BROKER_USERNAME
+            )));
+        }
+        if !self
+            .client_id_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+            || self.client_id_prefix.len() > 64
+        {
+            return Err(invalid(format!(
+                "client_id_prefix = {:?}: at most 64 of A-Z a-z 0-9 _ - . :",
+                self.client_id_prefix
+            )));
+        }
+        let tls = match (url.tls, &self.ca_file) {
+            (true, Some(ca_file)) => Some(
+                polyhub_client::TlsOptions::from_ca_file(ca_file)
+                    .map_err(|error| invalid(format!("ca_file: {error}")))?,
+            ),
+            (true, None) => {
+                return Err(invalid(
+                    "mqtts:// needs ca_file, the CA certificates the broker's certificate must \
+                     chain to"
+                        .to_owned(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "ca_file is only used with an mqtts:// url".to_owned(),
+                ));
+            }
+            (false, None) => None,
+        };
+        let mut options = crate::bus::mqtt::MqttBusOptions::to_host(url.host, url.port);
+        options.tls = tls;
+        options.username = self.username.clone();
+        options.password = self.password.clone();
+        options.client_id_prefix = self.client_id_prefix.clone();
+        Ok(options)
     }
 }
 
@@ -184,6 +354,7 @@ impl Config {
     /// setting; its certificate and key may come from different layers.
     pub(crate) fn with_overrides(mut self, layers: &[&Overrides]) -> Result<Config, ConfigError> {
         let mut tls = TlsDraft::from(self.mqtt.tls.take());
+        let mut external = ExternalDraft::from(self.external_broker.take());
         for layer in layers {
             if let Some(data_dir) = &layer.data_dir {
                 self.data_dir.clone_from(data_dir);
@@ -198,7 +369,9 @@ impl Config {
                 self.http.listen = listen;
             }
             tls.apply(layer);
+            external.apply(layer);
         }
+        self.external_broker = external.finish()?;
         self.mqtt.tls = tls.finish()?;
         Ok(self)
     }
@@ -221,6 +394,16 @@ impl Config {
                 env::LOG
             ))
         })?;
+        if let Some(external) = &self.external_broker {
+            external.bus_options()?;
+            if self.mqtt.tls.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[mqtt.tls] configures a listener of the embedded broker, which serves no \
+                     listener while [external_broker] is set: remove one of them"
+                        .to_owned(),
+                ));
+            }
+        }
         if let Some(tls) = &self.mqtt.tls {
             if tls.require_client_cert && tls.ca_file.is_none() {
                 return Err(ConfigError::Invalid(format!(
@@ -290,6 +473,12 @@ pub(crate) struct Overrides {
     pub(crate) tls_require_client_cert: Option<bool>,
     /// `[http] listen`.
     pub(crate) http_listen: Option<SocketAddr>,
+    /// `[external_broker] url`.
+    pub(crate) external_broker: Option<String>,
+    /// `[external_broker] username`.
+    pub(crate) external_broker_username: Option<String>,
+    /// `[external_broker] password`.
+    pub(crate) external_broker_password: Option<String>,
 }
 
 impl Overrides {
@@ -319,6 +508,15 @@ impl Overrides {
                 .transpose()?,
             http_listen: get(env::HTTP_LISTEN)
                 .map(|value| socket_addr(env::HTTP_LISTEN, value))
+                .transpose()?,
+            external_broker: get(env::EXTERNAL_BROKER)
+                .map(|value| utf8(env::EXTERNAL_BROKER, value))
+                .transpose()?,
+            external_broker_username: get(env::EXTERNAL_BROKER_USERNAME)
+                .map(|value| utf8(env::EXTERNAL_BROKER_USERNAME, value))
+                .transpose()?,
+            external_broker_password: get(env::EXTERNAL_BROKER_PASSWORD)
+                .map(|value| utf8(env::EXTERNAL_BROKER_PASSWORD, value))
                 .transpose()?,
         })
     }
@@ -430,6 +628,76 @@ impl TlsDraft {
             ca_file: self.ca_file,
             require_client_cert: self.require_client_cert.unwrap_or(false),
         }))
+    }
+}
+
+/// `[external_broker]` while layers are applied: the section exists once any layer gives its
+/// URL; credentials may come from another layer than the URL.
+#[derive(Debug, Default)]
+struct ExternalDraft {
+    section: Option<ExternalBrokerConfig>,
+    url: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl From<Option<ExternalBrokerConfig>> for ExternalDraft {
+    fn from(section: Option<ExternalBrokerConfig>) -> Self {
+        ExternalDraft {
+            section,
+            ..ExternalDraft::default()
+        }
+    }
+}
+
+impl ExternalDraft {
+    fn apply(&mut self, layer: &Overrides) {
+        if let Some(url) = &layer.external_broker {
+            self.url = Some(url.clone());
+        }
+        if let Some(username) = &layer.external_broker_username {
+            self.username = Some(username.clone());
+        }
+        if let Some(password) = &layer.external_broker_password {
+            self.password = Some(password.clone());
+        }
+    }
+
+    fn finish(self) -> Result<Option<ExternalBrokerConfig>, ConfigError> {
+        let mut section = match (self.section, self.url) {
+            (Some(mut section), url) => {
+                if let Some(url) = url {
+                    section.url = url;
+                }
+                section
+            }
+            (None, Some(url)) => ExternalBrokerConfig {
+                url,
+                username: None,
+                password: None,
+                ca_file: None,
+                client_id_prefix: String::new(),
+            },
+            (None, None) => {
+                if self.username.is_some() || self.password.is_some() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{} / {} are set but no external broker is: set url in \
+                         [external_broker] or {}",
+                        env::EXTERNAL_BROKER_USERNAME,
+                        env::EXTERNAL_BROKER_PASSWORD,
+                        env::EXTERNAL_BROKER
+                    )));
+                }
+                return Ok(None);
+            }
+        };
+        if let Some(username) = self.username {
+            section.username = Some(username);
+        }
+        if let Some(password) = self.password {
+            section.password = Some(password);
+        }
+        Ok(Some(section))
     }
 }
 
@@ -577,6 +845,7 @@ mod tests {
             "sqlite",
             "polyglot",
             "commands",
+            "external_broker",
         ]
         .contains(&field)
     }
@@ -610,6 +879,10 @@ mod tests {
             (
                 "[commands]",
                 expected_fields::<polyhub_polyglot::CommandConfig>(),
+            ),
+            (
+                "[external_broker]",
+                expected_fields::<ExternalBrokerConfig>(),
             ),
         ];
         for (section, fields) in sections {
@@ -647,6 +920,7 @@ mod tests {
             expected_fields::<StorageConfig>(),
             expected_fields::<polyhub_store::SqliteConfig>(),
             expected_fields::<polyhub_polyglot::CommandConfig>(),
+            expected_fields::<ExternalBrokerConfig>(),
         ];
         // Sections are documented under their own headings, not as keys.
         for field in sections.into_iter().flatten().filter(|f| !is_section(f)) {
@@ -785,6 +1059,9 @@ mod tests {
                 tls_ca: Some("ca.pem".into()),
                 tls_require_client_cert: Some(true),
                 http_listen: Some(addr("127.0.0.1:2002")),
+                external_broker: None,
+                external_broker_username: None,
+                external_broker_password: None,
             }
         );
     }
@@ -1013,5 +1290,197 @@ mod tests {
         );
         config.log.level = "info,polyhub_broker=debug".into();
         config.validate().unwrap();
+    }
+
+    fn external(url: &str) -> Config {
+        Config::from_toml(&format!("[external_broker]\nurl = {url:?}\n")).unwrap()
+    }
+
+    fn invalid(config: &Config) -> String {
+        config.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn broker_urls_parse_with_default_ports() {
+        let parsed = |url: &str| BrokerUrl::parse(url).unwrap();
+        assert_eq!(
+            parsed("mqtt://127.0.0.1:18830"),
+            BrokerUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 18830
+            }
+        );
+        assert_eq!(parsed("mqtt://broker.example/").port, 1883);
+        let tls = parsed("mqtts://broker.example");
+        assert!(tls.tls);
+        assert_eq!(tls.port, 8883);
+        let ipv6 = parsed("mqtt://[::1]:1884");
+        assert_eq!((ipv6.host.as_str(), ipv6.port), ("::1", 1884));
+        assert_eq!(parsed("mqtts://[::1]").port, 8883);
+    }
+
+    #[test]
+    fn bad_broker_urls_say_what_is_expected() {
+        for (url, expected) in [
+            ("127.0.0.1:1883", "expected mqtt://HOST:PORT"),
+            ("http://127.0.0.1:1883", "expected mqtt://HOST:PORT"),
+            ("mqtt://", "the host is missing"),
+            ("mqtt://:1883", "the host is missing"),
+            ("mqtt://host:0", "not a number from 1 to 65535"),
+            ("mqtt://host:99999", "not a number from 1 to 65535"),
+            ("mqtt://host:x", "not a number from 1 to 65535"),
+            ("mqtt://host:1883/topic", "no path or query"),
+            ("mqtt://user:pw@host:1883", "username and password"),
+            ("mqtt://[::1:1883", "unclosed"),
+            ("mqtt://[::1]1883", "expected mqtt://"),
+        ] {
+            let error = BrokerUrl::parse(url).unwrap_err();
+            assert!(error.contains(expected), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_external_broker_section_parses_and_refuses_unknown_keys() {
+        let config = Config::from_toml(
+            r#"
+            [external_broker]
+            url = "mqtt://127.0.0.1:18830"
+            username = "polyhub"
+            password = "secret"
+            client_id_prefix = "site1-"
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let section = config.external_broker.as_ref().unwrap();
+        assert_eq!(section.username.as_deref(), Some("polyhub"));
+        let options = section.bus_options().unwrap();
+        assert_eq!((options.host.as_str(), options.port), ("127.0.0.1", 18830));
+        assert_eq!(options.username.as_deref(), Some("polyhub"));
+        assert_eq!(options.password.as_deref(), Some("secret"));
+        assert_eq!(options.client_id_prefix, "site1-");
+        assert!(options.tls.is_none());
+        assert_eq!(options.describe(), "mqtt://127.0.0.1:18830");
+
+        let error = parse_error("[external_broker]\nurl = \"mqtt://h\"\nuser = \"x\"\n");
+        assert!(
+            error.starts_with("unknown field `user` in [external_broker]"),
+            "{error}"
+        );
+        let error = parse_error("[external_broker]\nusername = \"x\"\n");
+        assert!(
+            error.starts_with("missing field `url` in [external_broker]"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_bad_external_broker_url_names_the_key() {
+        let error = invalid(&external("localhost:1883"));
+        assert_eq!(
+            error,
+            "[external_broker] url = \"localhost:1883\": expected mqtt://HOST:PORT or \
+             mqtts://HOST:PORT"
+        );
+    }
+
+    #[test]
+    fn external_broker_settings_that_contradict_each_other_are_refused() {
+        let error = invalid(&external("mqtts://127.0.0.1:8883"));
+        assert!(error.contains("mqtts:// needs ca_file"), "{error}");
+
+        let mut config = external("mqtt://127.0.0.1:1883");
+        config.external_broker.as_mut().unwrap().ca_file = Some("ca.pem".into());
+        assert!(invalid(&config).contains("ca_file is only used with an mqtts://"));
+
+        let mut config = external("mqtt://127.0.0.1:1883");
+        config.external_broker.as_mut().unwrap().password = Some("secret".into());
+        assert!(invalid(&config).contains("password needs username"));
+
+        let mut config = external("mqtt://127.0.0.1:1883");
+        config.external_broker.as_mut().unwrap().client_id_prefix = "a/b".into();
+        assert!(invalid(&config).contains("client_id_prefix"));
+
+        let flags = Overrides {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..Overrides::default()
+        };
+        let config = external("mqtt://127.0.0.1:1883")
+            .with_overrides(&[&flags])
+            .unwrap();
+        assert!(invalid(&config).contains("[mqtt.tls] configures a listener"));
+    }
+
+    #[test]
+    fn an_mqtts_ca_file_is_loaded_and_a_missing_one_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing-ca.pem");
+        let mut config = external("mqtts://localhost");
+        config.external_broker.as_mut().unwrap().ca_file = Some(missing.clone());
+        let error = invalid(&config);
+        assert!(error.starts_with("[external_broker] ca_file: "), "{error}");
+        assert!(error.contains("missing-ca.pem"), "{error}");
+
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        config.external_broker.as_mut().unwrap().ca_file = Some(ca_file);
+        config.validate().unwrap();
+        let options = config.external_broker.unwrap().bus_options().unwrap();
+        assert!(options.tls.is_some());
+        assert_eq!(options.describe(), "mqtts://localhost:8883");
+    }
+
+    #[test]
+    fn the_external_broker_can_come_from_the_environment_or_a_flag() {
+        let environment_layer = Overrides::from_env(environment(&[
+            ("POLYHUB_EXTERNAL_BROKER", "mqtt://127.0.0.1:1884"),
+            ("POLYHUB_EXTERNAL_BROKER_USERNAME", "env-user"),
+            ("POLYHUB_EXTERNAL_BROKER_PASSWORD", "env-secret"),
+        ]))
+        .unwrap();
+        let config = Config::default()
+            .with_overrides(&[&environment_layer])
+            .unwrap();
+        config.validate().unwrap();
+        let section = config.external_broker.unwrap();
+        assert_eq!(section.url, "mqtt://127.0.0.1:1884");
+        assert_eq!(section.username.as_deref(), Some("env-user"));
+        assert_eq!(section.password.as_deref(), Some("env-secret"));
+        assert_eq!(section.client_id_prefix, "");
+
+        // The flag wins over the environment, and both over the file; the file's other keys
+        // stay.
+        let file = Config::from_toml(
+            "[external_broker]\nurl = \"mqtt://file:1\"\nusername = \"file-user\"\nclient_id_prefix = \"p-\"\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            external_broker: Some("mqtt://flag:3".into()),
+            ..Overrides::default()
+        };
+        let section = file
+            .with_overrides(&[&environment_layer, &flags])
+            .unwrap()
+            .external_broker
+            .unwrap();
+        assert_eq!(section.url, "mqtt://flag:3");
+        assert_eq!(section.username.as_deref(), Some("env-user"));
+        assert_eq!(section.client_id_prefix, "p-");
+    }
+
+    #[test]
+    fn external_broker_credentials_without_a_broker_are_refused() {
+        let environment_layer =
+            Overrides::from_env(environment(&[("POLYHUB_EXTERNAL_BROKER_USERNAME", "user")]))
+                .unwrap();
+        let error = Config::default()
+            .with_overrides(&[&environment_layer])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no external broker is"), "{error}");
+        assert!(error.contains("POLYHUB_EXTERNAL_BROKER"), "{error}");
     }
 }

@@ -1,7 +1,12 @@
 //! The IoT platform on top of the broker: storage, the hub manager with its parsers, and the
 //! REST API. This is where their concrete types meet: [`SqliteStore`] behind `dyn Store`, the
-//! embedded broker behind the hub's bus traits, the hub manager behind the API's
-//! [`HubRuntime`].
+//! embedded broker (or, with `[external_broker]`, an external one over [`MqttBus`]) behind the
+//! hub's bus traits, the hub manager behind the API's [`HubRuntime`].
+//!
+//! With an external broker, who is connected is out of sight: the embedded broker's
+//! connection events are not used, and presence comes from the devices' own presence
+//! messages (the hub `presence` channel), which the parsers store and the MQTT command client
+//! follows.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,13 +14,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use async_trait::async_trait;
-use polyhub_api::{ApiState, CommandRuntime, HubRuntime, RuntimeError};
+use polyhub_api::{ApiState, CommandRuntime, DeviceAccount, HubRuntime, RuntimeError};
 use polyhub_broker::Broker;
 use polyhub_hub::bus::PresenceEvent;
 use polyhub_hub::{HubError, HubManager, ManagerDeps, ProcessParserCommand};
 use polyhub_polyglot::backends::mqtt::{MqttClientFactory, PresenceTable};
 use polyhub_polyglot::{
-    BackendEvent, ClientRegistry, CommandError, CommandService, FactoryContext, Polyglot,
+    BackendClient, BackendError, BackendEvent, ClientRegistry, CommandError, CommandService,
+    FactoryContext, Polyglot,
 };
 use polyhub_store::{Command, Device, ParserStatus, SqliteStore, Store};
 use tokio::net::TcpListener;
@@ -25,14 +31,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Failure;
-use crate::bus::LocalBus;
-use crate::config::Config;
+use crate::bus::mqtt::MqttBusOptions;
+use crate::bus::{LocalBus, MqttBus};
+use crate::config::{BrokerUrl, Config};
+
+/// Client id of the connection that checks, at start, that the external broker answers.
+const START_CHECK_CLIENT_ID: &str = "polyhub-start-check";
 
 /// The running platform: what shutdown waits for.
 pub(crate) struct Platform {
     manager_task: JoinHandle<()>,
     commands_task: JoinHandle<()>,
     api_task: JoinHandle<std::io::Result<()>>,
+    /// The bus to the external broker, whose closing connections are waited for.
+    external_bus: Option<Arc<MqttBus>>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -51,7 +63,8 @@ pub(crate) fn open_store(config: &Config) -> Result<Arc<dyn Store>, Failure> {
 
 /// What `polyhub parser` children need to find the parent again.
 pub(crate) struct ChildSettings<'a> {
-    pub(crate) mqtt_address: SocketAddr,
+    /// The embedded broker's MQTT listener; `None` when it does not listen (external broker).
+    pub(crate) mqtt_address: Option<SocketAddr>,
     pub(crate) config_file: Option<&'a Path>,
 }
 
@@ -70,15 +83,31 @@ pub(crate) async fn start(
         .context("cannot install the metrics recorder")
         .map_err(Failure::Runtime)?;
 
-    let bus: Arc<dyn polyhub_hub::bus::BusConnector> = Arc::new(LocalBus::new(broker.clone()));
+    let external = match &config.external_broker {
+        Some(external) => Some(external.bus_options().map_err(Failure::from)?),
+        None => None,
+    };
+    let external_bus = match &external {
+        Some(options) => Some(Arc::new(connect_external(options).await?)),
+        None => None,
+    };
+    let bus: Arc<dyn polyhub_hub::bus::BusConnector> = match &external_bus {
+        Some(external_bus) => external_bus.clone(),
+        None => Arc::new(LocalBus::new(broker.clone())),
+    };
     // Who is connected matters to the hub (presence rows) and to the command service (when to
-    // send); one feed from the broker serves both.
-    let (hub_presence, mut command_presence) =
-        split_presence(forward_presence(broker, shutdown.clone()));
+    // send); one feed from the broker serves both. An external broker's connections are out
+    // of sight: presence messages stand in for them (parsers, MQTT command client).
+    let (hub_presence, command_presence) = if external.is_none() {
+        let (hub, commands) = split_presence(forward_presence(broker, shutdown.clone()));
+        (Some(hub), Some(commands))
+    } else {
+        (None, None)
+    };
     let deps = ManagerDeps {
         store: store.clone(),
         bus: bus.clone(),
-        presence: Some(hub_presence),
+        presence: hub_presence,
         process_parser: Some(process_parser_command(config, &child)?),
     };
     let (manager, manager_task) = HubManager::start(config.hub.clone(), deps, shutdown.clone())
@@ -87,15 +116,21 @@ pub(crate) async fn start(
 
     // Polyglot: the protocol clients from `[polyglot.*]`, built through the registry of the
     // factories this binary knows, and the command service over them.
-    // The broker's sessions say who can be sent to: a device counts as reachable once it
-    // has subscribed; ids without a session (sgframework resource names) fall back to the
-    // presence their messages report.
-    let sessions = broker.clone();
-    let online = PresenceTable::with_connections(Arc::new(move |device_id: &str| {
-        sessions.client_reachable(device_id)
-    }));
+    let mqtt_factory = if external.is_some() {
+        // Only the devices' presence messages say who is there.
+        MqttClientFactory::new(PresenceTable::default()).with_external_hub()
+    } else {
+        // The broker's sessions say who can be sent to: a device counts as reachable once it
+        // has subscribed; ids without a session (sgframework resource names) fall back to the
+        // presence their messages report.
+        let sessions = broker.clone();
+        MqttClientFactory::new(PresenceTable::with_connections(Arc::new(
+            move |device_id: &str| sessions.client_reachable(device_id),
+        )))
+    };
+    let mqtt_factory = mqtt_factory.with_external(Arc::new(commands_only_broker));
     let registry = ClientRegistry::new()
-        .with(Box::new(MqttClientFactory::new(online.clone())))
+        .with(Box::new(mqtt_factory))
         .with(Box::new(polyhub_xmpp::XmppClientFactory));
     let (events, backend_events) = mpsc::channel::<BackendEvent>(4096);
     let context = FactoryContext {
@@ -108,6 +143,9 @@ pub(crate) async fn start(
     let polyglot = Polyglot::build(&config.polyglot, &registry, context)
         .await
         .map_err(|error| Failure::Runtime(anyhow!("polyglot: {error}")))?;
+    // Device accounts go straight to the protocol's client; the command service has the same
+    // clients for commands.
+    let accounts = polyglot.clone();
     let (commands, commands_task) = CommandService::start(
         store.clone(),
         polyglot,
@@ -115,14 +153,16 @@ pub(crate) async fn start(
         config.commands.clone(),
         shutdown.clone(),
     );
-    let presence_commands = commands.clone();
-    tokio::spawn(async move {
-        while let Some(event) = command_presence.recv().await {
-            presence_commands
-                .device_presence(&event.client_id, event.online)
-                .await;
-        }
-    });
+    if let Some(mut command_presence) = command_presence {
+        let presence_commands = commands.clone();
+        tokio::spawn(async move {
+            while let Some(event) = command_presence.recv().await {
+                presence_commands
+                    .device_presence(&event.client_id, event.online)
+                    .await;
+            }
+        });
+    }
 
     let router = polyhub_api::router_with_config(
         ApiState {
@@ -131,7 +171,7 @@ pub(crate) async fn start(
                 manager,
                 commands: commands.clone(),
             }),
-            commands: Some(Arc::new(CommandsRuntime(commands))),
+            commands: Some(Arc::new(CommandsRuntime { commands, accounts })),
             metrics: Some(metrics),
         },
         &config.http,
@@ -146,6 +186,7 @@ pub(crate) async fn start(
         manager_task,
         commands_task,
         api_task,
+        external_bus,
     })
 }
 
@@ -164,7 +205,60 @@ impl Platform {
         if let Err(error) = self.commands_task.await {
             warn!("command service task ended abnormally: {error}");
         }
+        // The parsers' last acknowledgements reach the external broker before we exit.
+        if let Some(bus) = self.external_bus {
+            bus.closed().await;
+        }
     }
+}
+
+/// The hub's bus on the external broker, after one connection proved that the broker answers
+/// and takes our login: a wrong address or password is one clear line at start rather than
+/// parsers failing and retrying in the background. Connections lost later are retried.
+async fn connect_external(options: &MqttBusOptions) -> Result<MqttBus, Failure> {
+    let bus = MqttBus::with_options(options.clone());
+    let address = options.describe();
+    match polyhub_hub::bus::BusConnector::connect(&bus, START_CHECK_CLIENT_ID, false).await {
+        Ok(check) => drop(check),
+        Err(error) => {
+            return Err(Failure::Runtime(anyhow!(
+                "cannot connect to the external MQTT broker {address}: {}",
+                bus_error_reason(&error)
+            )));
+        }
+    }
+    info!("using the external MQTT broker {address}; the embedded broker does not listen");
+    Ok(bus)
+}
+
+/// The reason inside a bus error, without the bus's own wording around it.
+fn bus_error_reason(error: &polyhub_hub::bus::BusError) -> String {
+    use polyhub_hub::bus::BusError;
+    match error {
+        BusError::Closed(reason) | BusError::Refused(reason) | BusError::Other(reason) => {
+            reason.clone()
+        }
+    }
+}
+
+/// A `[polyglot.<name>]` client of type mqtt with `broker = "mqtt://HOST:PORT"` (or
+/// `"HOST:PORT"`): a broker for commands alone, without login or TLS (those are only
+/// configurable for `[external_broker]`).
+fn commands_only_broker(address: &str) -> Result<Arc<dyn polyhub_hub::bus::BusConnector>, String> {
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("mqtt://{address}")
+    };
+    let url = BrokerUrl::parse(&url)?;
+    if url.tls {
+        return Err(
+            "mqtts:// is only supported for [external_broker] (which has ca_file)".to_owned(),
+        );
+    }
+    Ok(Arc::new(MqttBus::with_options(MqttBusOptions::to_host(
+        url.host, url.port,
+    ))))
 }
 
 /// The broker's connect/disconnect events as the hub's presence events. Clients already
@@ -248,15 +342,25 @@ fn process_parser_command(
         .context("cannot locate the polyhub executable for process-isolated parsers")
         .map_err(Failure::Runtime)?;
     let data_dir = absolute(&config.data_dir)?;
-    let mut args = vec![
-        "parser".to_owned(),
-        "--mqtt-connect".to_owned(),
-        child.mqtt_address.to_string(),
+    // The URL is passed on because it may have come from a flag; the rest of
+    // [external_broker] comes from the same file and the inherited environment.
+    let broker = match (&config.external_broker, child.mqtt_address) {
+        (Some(external), _) => ["--external-broker".to_owned(), external.url.clone()],
+        (None, Some(address)) => ["--mqtt-connect".to_owned(), address.to_string()],
+        (None, None) => {
+            return Err(Failure::Runtime(anyhow!(
+                "process-isolated parsers need the embedded broker's MQTT listener"
+            )));
+        }
+    };
+    let mut args = vec!["parser".to_owned()];
+    args.extend(broker);
+    args.extend([
         "--data-dir".to_owned(),
         data_dir.display().to_string(),
         "--log".to_owned(),
         config.log.level.clone(),
-    ];
+    ]);
     if let Some(file) = child.config_file {
         args.push("--config".to_owned());
         args.push(absolute(file)?.display().to_string());
@@ -336,9 +440,38 @@ impl HubRuntime for ManagerRuntime {
     }
 }
 
-/// The command service as the API sees it.
+/// The command service (and the protocol clients, for device accounts) as the API sees it.
 #[derive(Debug)]
-struct CommandsRuntime(CommandService);
+struct CommandsRuntime {
+    commands: CommandService,
+    accounts: Polyglot,
+}
+
+impl CommandsRuntime {
+    fn client_of(&self, device: &Device) -> Result<Arc<dyn BackendClient>, RuntimeError> {
+        self.accounts.client(&device.protocol).ok_or_else(|| {
+            RuntimeError::Invalid(format!(
+                "no polyglot client for protocol {:?}",
+                device.protocol
+            ))
+        })
+    }
+}
+
+fn no_accounts(device: &Device) -> RuntimeError {
+    RuntimeError::Invalid(format!(
+        "protocol {:?} does not manage device accounts",
+        device.protocol
+    ))
+}
+
+fn account_error(device: &Device, error: BackendError) -> RuntimeError {
+    match error {
+        BackendError::Rejected(message) => RuntimeError::Conflict(message),
+        BackendError::Unsupported(_) | BackendError::Config(_) => no_accounts(device),
+        BackendError::Unavailable(message) => RuntimeError::Failed(message),
+    }
+}
 
 fn command_error(error: CommandError) -> RuntimeError {
     match error {
@@ -364,17 +497,35 @@ impl CommandRuntime for CommandsRuntime {
             payload: request.payload,
             ttl_ms: request.ttl_ms,
         };
-        self.0
+        self.commands
             .submit(device_id, request)
             .await
             .map_err(command_error)
     }
 
     async fn wait(&self, id: &str, timeout: std::time::Duration) -> Result<Command, RuntimeError> {
-        self.0.wait(id, timeout).await.map_err(command_error)
+        self.commands.wait(id, timeout).await.map_err(command_error)
     }
 
     async fn cancel(&self, id: &str) -> Result<Command, RuntimeError> {
-        self.0.cancel(id).await.map_err(command_error)
+        self.commands.cancel(id).await.map_err(command_error)
+    }
+
+    async fn create_account(&self, device: &Device) -> Result<DeviceAccount, RuntimeError> {
+        match self.client_of(device)?.provision_device(device).await {
+            Ok(Some(credentials)) => Ok(DeviceAccount {
+                username: credentials.username,
+                password: credentials.password,
+            }),
+            Ok(None) => Err(no_accounts(device)),
+            Err(error) => Err(account_error(device, error)),
+        }
+    }
+
+    async fn remove_account(&self, device: &Device) -> Result<(), RuntimeError> {
+        self.client_of(device)?
+            .remove_device(device)
+            .await
+            .map_err(|error| account_error(device, error))
     }
 }

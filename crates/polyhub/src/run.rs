@@ -7,6 +7,13 @@
 //! disconnected at shutdown. Signal handlers are registered before the listeners are
 //! announced, so a SIGTERM sent right after `MQTT listening on ...` appears always gets the
 //! graceful path.
+//!
+//! Shutdown order is what makes "nothing acknowledged is lost" hold across a restart: stop
+//! accepting, disconnect every network client (so no device can publish any more: whatever the
+//! broker acknowledged is in some session by then), then stop the platform (each parser
+//! commits and acknowledges what it holds), then stop the in-process clients, then save the
+//! snapshot, which keeps every persistent session, the parsers' included, with whatever is
+//! still queued or unacknowledged in it.
 
 use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
@@ -126,7 +133,11 @@ async fn serve(
         .map_err(Failure::Runtime)?;
 
     // Bind everything before serving anything: a busy TLS port must not leave MQTT running.
-    let mqtt = bind("MQTT", config.mqtt.listen).await?;
+    // With an external broker the embedded one serves no listener (docs/external-broker.md).
+    let mqtt = match config.external_broker {
+        None => Some(bind("MQTT", config.mqtt.listen).await?),
+        Some(_) => None,
+    };
     let mqtts = match tls {
         Some((address, acceptor)) => Some((bind("MQTTS", address).await?, acceptor)),
         None => None,
@@ -140,9 +151,10 @@ async fn serve(
             .restore(snapshot)
             .map_err(|error| Failure::Runtime(anyhow!("{}: {error}", path.display())))?;
         info!(
-            "restored {} retained messages and {} sessions from {}",
+            "restored {} retained messages and {} sessions and {} in-process sessions from {}",
             restored.retained,
             restored.sessions,
+            restored.local_sessions,
             path.display()
         );
     }
@@ -171,10 +183,16 @@ async fn serve(
     });
     let mut listeners = JoinSet::new();
 
-    let address = bound_address(&mqtt)?;
-    info!("MQTT listening on {address}");
-    let (handle, shutdown) = (broker.clone(), stopped(stop_requested.clone()));
-    listeners.spawn(async move { ("MQTT", address, handle.serve(mqtt, shutdown).await) });
+    let address = match mqtt {
+        Some(mqtt) => {
+            let address = bound_address(&mqtt)?;
+            info!("MQTT listening on {address}");
+            let (handle, shutdown) = (broker.clone(), stopped(stop_requested.clone()));
+            listeners.spawn(async move { ("MQTT", address, handle.serve(mqtt, shutdown).await) });
+            Some(address)
+        }
+        None => None,
+    };
 
     if let Some((listener, acceptor)) = mqtts {
         let address = bound_address(&listener)?;
@@ -208,9 +226,11 @@ async fn serve(
         Some(ended) = listeners.join_next() => Err(Failure::Runtime(listener_ended(ended))),
     };
 
-    // Whatever the reason, stop accepting, then let the broker say goodbye to its clients.
-    // The parsers stop after the devices are gone, so that what the devices sent last is
-    // committed and acknowledged before the broker state is saved.
+    // Whatever the reason: stop accepting, then disconnect the network clients, so that
+    // nothing new arrives; only then stop the parsers, which commit and acknowledge what they
+    // hold (they stopped first before, and what devices sent meanwhile was left behind).
+    // In-process clients keep working until `broker.shutdown`; the snapshot taken after it
+    // keeps what is still queued or unacknowledged in the parsers' persistent sessions.
     let _ = stop.send(true);
     let graceful = async {
         while let Some(ended) = listeners.join_next().await {
@@ -218,6 +238,7 @@ async fn serve(
                 warn!("{error:#}");
             }
         }
+        broker.close_network().await;
         platform_shutdown.cancel();
         platform.finish().await;
         broker.shutdown().await;
@@ -240,9 +261,10 @@ async fn serve(
             saved = persist::save_broker(&broker, path) => {
                 let saved = saved.map_err(|error| Failure::Runtime(error.into()))?;
                 info!(
-                    "saved {} retained messages and {} sessions to {}",
+                    "saved {} retained messages and {} sessions and {} in-process sessions to {}",
                     saved.retained,
                     saved.sessions,
+                    saved.local_sessions,
                     path.display()
                 );
             }

@@ -17,6 +17,10 @@
 //! `seq` (u64), and the end record with the snapshot's `last_seq` (u64). Version 1 files
 //! still load, with 0 for both (restoring gives their messages new numbers).
 //!
+//! Version 3 adds the persistent sessions of in-process clients: each session record ends
+//! with an optional local part (queue bound and the deliveries handed out and not
+//! acknowledged). Version 1 and 2 files still load, with network sessions only.
+//!
 //! Design: the decoder trusts nothing. Every length is checked against the bytes left before
 //! anything is allocated, every enum byte and reference is validated, and errors carry the byte
 //! offset of the record at fault, so a damaged file gives one precise error instead of a panic.
@@ -33,7 +37,7 @@ pub const MAGIC: [u8; 8] = *b"PHBROKER";
 
 /// The format version this build writes; it reads this one and [`OLDEST_READABLE_VERSION`]
 /// onwards.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The oldest format version this build reads (version 1: no sequence numbers).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
@@ -107,6 +111,20 @@ pub struct StoredSession {
     pub awaiting_release: Vec<u16>,
     /// A will waiting for its delay (MQTT 5 will delay interval).
     pub will: Option<StoredWill>,
+    /// `Some` for the persistent session of an in-process client (format version 3 on). Such
+    /// a session has no connection: `protocol`, `expiry` and `next_packet_id` are written as
+    /// 5, `u32::MAX` and 1, and `inflight`, `awaiting_release` and `will` are empty.
+    pub local: Option<StoredLocal>,
+}
+
+/// What only the persistent session of an in-process client has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLocal {
+    /// The queue bound its client chose (0: unbounded).
+    pub max_queued: u32,
+    /// Deliveries handed out to the client and not acknowledged, in the order they are to be
+    /// handed out again (before the queue, marked redelivered).
+    pub unacknowledged: Vec<StoredDelivery>,
 }
 
 /// One subscription of a session.
@@ -252,7 +270,8 @@ impl Snapshot {
             let deliveries = session
                 .queue
                 .iter()
-                .chain(session.inflight.iter().map(|entry| &entry.delivery));
+                .chain(session.inflight.iter().map(|entry| &entry.delivery))
+                .chain(session.local.iter().flat_map(|local| &local.unacknowledged));
             for delivery in deliveries {
                 check(delivery.message, &what)?;
             }
@@ -426,6 +445,13 @@ impl Record {
             record.u32(will.message);
             record.u32(will.delay);
         });
+        self.option(session.local.as_ref(), |record, local| {
+            record.u32(local.max_queued);
+            record.count(local.unacknowledged.len());
+            for delivery in &local.unacknowledged {
+                record.delivery(delivery);
+            }
+        });
     }
 
     fn delivery(&mut self, delivery: &StoredDelivery) {
@@ -479,6 +505,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         return Err(SnapshotError::UnsupportedVersion { found: version });
     }
     let has_seq = version >= 2;
+    let has_local = version >= 3;
 
     let mut snapshot = Snapshot {
         saved_at,
@@ -514,7 +541,9 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
                 snapshot.retained.push(index);
             }
             KIND_SESSION => {
-                let session = reader.session(snapshot.messages.len()).map_err(invalid)?;
+                let session = reader
+                    .session(snapshot.messages.len(), has_local)
+                    .map_err(invalid)?;
                 snapshot.sessions.push(session);
             }
             KIND_END => {
@@ -742,7 +771,8 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn session(&mut self, messages: usize) -> Read<StoredSession> {
+    /// A session record's body; `has_local` from format version 3 on.
+    fn session(&mut self, messages: usize, has_local: bool) -> Read<StoredSession> {
         let client_id = self.string("client id")?;
         let protocol = match self.u8()? {
             3 => ProtocolVersion::V31,
@@ -814,6 +844,23 @@ impl<'a> Reader<'a> {
             })
         })?;
 
+        let local = if has_local {
+            self.option("local session", |r| {
+                let max_queued = r.u32()?;
+                let count = r.count(DELIVERY_MIN_LEN, "unacknowledged deliveries")?;
+                let mut unacknowledged = Vec::new();
+                for _ in 0..count {
+                    unacknowledged.push(r.delivery(messages)?);
+                }
+                Ok(StoredLocal {
+                    max_queued,
+                    unacknowledged,
+                })
+            })?
+        } else {
+            None
+        };
+
         Ok(StoredSession {
             client_id,
             protocol,
@@ -824,6 +871,7 @@ impl<'a> Reader<'a> {
             inflight,
             awaiting_release,
             will,
+            local,
         })
     }
 
@@ -978,8 +1026,37 @@ mod tests {
                     message: 2,
                     delay: 30,
                 }),
+                local: None,
             }],
         }
+    }
+
+    /// [`sample`] plus the persistent session of an in-process client (version 3 only).
+    fn sample_with_local() -> Snapshot {
+        let mut snapshot = sample();
+        snapshot.sessions.push(StoredSession {
+            client_id: "polyhub-parser-h1".into(),
+            protocol: ProtocolVersion::V5,
+            expiry: u32::MAX,
+            next_packet_id: 1,
+            subscriptions: vec![StoredSubscription {
+                filter: "/h1/d1/data".into(),
+                options: SubscriptionOptions {
+                    qos: QoS::AtLeastOnce,
+                    ..SubscriptionOptions::default()
+                },
+                identifier: None,
+            }],
+            queue: vec![delivery(1)],
+            inflight: Vec::new(),
+            awaiting_release: Vec::new(),
+            will: None,
+            local: Some(StoredLocal {
+                max_queued: 0,
+                unacknowledged: vec![delivery(2), delivery(1)],
+            }),
+        });
+        snapshot
     }
 
     #[test]
@@ -990,9 +1067,27 @@ mod tests {
 
     #[test]
     fn sample_round_trips() {
-        let snapshot = sample();
-        snapshot.check().unwrap();
-        assert_eq!(decode(&encode(&snapshot)), Ok(snapshot));
+        for snapshot in [sample(), sample_with_local()] {
+            snapshot.check().unwrap();
+            assert_eq!(decode(&encode(&snapshot)), Ok(snapshot));
+        }
+    }
+
+    #[test]
+    fn unacknowledged_local_deliveries_are_checked_for_dangling_references() {
+        let mut snapshot = sample_with_local();
+        if let Some(local) = &mut snapshot.sessions[1].local {
+            local.unacknowledged.push(delivery(9));
+        }
+        assert!(matches!(
+            snapshot.check(),
+            Err(SnapshotError::DanglingReference { index: 9, .. })
+        ));
+        let error = decode(&encode(&snapshot)).unwrap_err();
+        assert!(
+            matches!(&error, SnapshotError::Invalid { detail, .. } if detail.contains("refers to message 9")),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1000,14 +1095,14 @@ mod tests {
         let bytes = encode(&Snapshot::default());
         assert_eq!(bytes.len(), HEADER_LEN + RECORD_OVERHEAD + 12 + 8);
         assert_eq!(&bytes[..8], b"PHBROKER");
-        assert_eq!(&bytes[8..12], &[0, 0, 0, 2]);
+        assert_eq!(&bytes[8..12], &[0, 0, 0, 3]);
         assert_eq!(bytes[HEADER_LEN], KIND_END);
         assert_eq!(decode(&bytes), Ok(Snapshot::default()));
     }
 
     #[test]
     fn every_truncation_is_an_error() {
-        let bytes = encode(&sample());
+        let bytes = encode(&sample_with_local());
         for len in 0..bytes.len() {
             let error = decode(&bytes[..len]).unwrap_err();
             assert!(
@@ -1022,7 +1117,7 @@ mod tests {
 
     #[test]
     fn every_flipped_bit_is_detected() {
-        let bytes = encode(&sample());
+        let bytes = encode(&sample_with_local());
         for index in 0..bytes.len() {
             for bit in 0..8 {
                 let mut damaged = bytes.clone();
@@ -1046,7 +1141,7 @@ mod tests {
             })
         );
         let mut bytes = encode(&Snapshot::default());
-        for version in [0u32, 3] {
+        for version in [0u32, 4] {
             bytes[8..12].copy_from_slice(&version.to_be_bytes());
             let crc = crc32(&bytes[..20]);
             bytes[20..24].copy_from_slice(&crc.to_be_bytes());
@@ -1057,11 +1152,13 @@ mod tests {
         }
     }
 
-    /// Rewrite a version 2 file as version 1 wrote it: no `seq` at the end of message
-    /// records, no `last_seq` at the end of the end record.
-    fn as_version_1(bytes: &[u8]) -> Vec<u8> {
+    /// Rewrite a version 3 file without local sessions as an older `version` wrote it:
+    /// version 2 has no local part at the end of session records (the "absent" byte), and
+    /// version 1 also no `seq` at the end of message records and no `last_seq` at the end of
+    /// the end record.
+    fn as_version(bytes: &[u8], version: u32) -> Vec<u8> {
         let mut header = bytes[..HEADER_LEN].to_vec();
-        header[8..12].copy_from_slice(&1u32.to_be_bytes());
+        header[8..12].copy_from_slice(&version.to_be_bytes());
         let crc = crc32(&header[..20]);
         header[20..24].copy_from_slice(&crc.to_be_bytes());
         let mut out = header;
@@ -1069,7 +1166,11 @@ mod tests {
         while offset < bytes.len() {
             let (kind, body, next) = split_record(bytes, offset).unwrap();
             let body = match kind {
-                KIND_MESSAGE | KIND_END => &body[..body.len() - 8],
+                KIND_MESSAGE | KIND_END if version < 2 => &body[..body.len() - 8],
+                KIND_SESSION => {
+                    assert_eq!(body.last(), Some(&0), "a session with a local part");
+                    &body[..body.len() - 1]
+                }
                 _ => body,
             };
             let mut record = vec![kind];
@@ -1086,7 +1187,7 @@ mod tests {
     #[test]
     fn version_1_files_load_without_sequence_numbers() {
         let snapshot = sample();
-        let old = as_version_1(&encode(&snapshot));
+        let old = as_version(&encode(&snapshot), 1);
         assert_eq!(&old[8..12], &[0, 0, 0, 1]);
         let mut expected = snapshot;
         expected.last_seq = 0;
@@ -1094,6 +1195,15 @@ mod tests {
             message.seq = 0;
         }
         assert_eq!(decode(&old), Ok(expected));
+    }
+
+    #[test]
+    fn version_2_files_load_with_network_sessions_only() {
+        let snapshot = sample();
+        let old = as_version(&encode(&snapshot), 2);
+        assert_eq!(&old[8..12], &[0, 0, 0, 2]);
+        assert_eq!(old.len(), encode(&snapshot).len() - 1);
+        assert_eq!(decode(&old), Ok(snapshot));
     }
 
     #[test]
@@ -1295,6 +1405,10 @@ mod tests {
             prop::collection::vec((1..=u16::MAX, stage, delivery()), refs.clone()),
             prop::collection::vec(any::<u16>(), 0..4),
             prop::option::of((0..messages.max(1), any::<u32>())),
+            prop::option::of((
+                any::<u32>(),
+                prop::collection::vec(delivery(), refs.clone()),
+            )),
         )
             .prop_map(
                 move |(
@@ -1307,6 +1421,7 @@ mod tests {
                     inflight,
                     awaiting_release,
                     will,
+                    local,
                 )| StoredSession {
                     client_id,
                     protocol,
@@ -1333,6 +1448,10 @@ mod tests {
                     will: will
                         .filter(|_| messages > 0)
                         .map(|(message, delay)| StoredWill { message, delay }),
+                    local: local.map(|(max_queued, unacknowledged)| StoredLocal {
+                        max_queued,
+                        unacknowledged,
+                    }),
                 },
             )
     }

@@ -27,8 +27,8 @@ use parking_lot::Mutex;
 
 pub use format::{
     FORMAT_VERSION, InflightStage, MAGIC, OLDEST_READABLE_VERSION, Snapshot, SnapshotError,
-    StoredDelivery, StoredInflight, StoredMessage, StoredSession, StoredSubscription, StoredWill,
-    decode, encode,
+    StoredDelivery, StoredInflight, StoredLocal, StoredMessage, StoredSession, StoredSubscription,
+    StoredWill, decode, encode,
 };
 pub use state::RestoreSummary;
 pub(crate) use state::{restore, snapshot};
@@ -199,8 +199,11 @@ pub fn load_for_startup(
 pub struct SaveSummary {
     /// Retained messages saved.
     pub retained: usize,
-    /// Sessions saved.
+    /// Sessions of network clients saved.
     pub sessions: usize,
+    /// Persistent sessions of in-process clients saved (the program's own, such as the hub's
+    /// parsers).
+    pub local_sessions: usize,
     /// Distinct messages saved (retained, queued, in flight, wills).
     pub messages: usize,
 }
@@ -213,9 +216,15 @@ pub async fn save_broker(broker: &Broker, path: &Path) -> Result<SaveSummary, Pe
     let target = path.clone();
     let saving = move || {
         let snapshot = broker.snapshot();
+        let local_sessions = snapshot
+            .sessions
+            .iter()
+            .filter(|session| session.local.is_some())
+            .count();
         save(&path, &snapshot).map(|()| SaveSummary {
             retained: snapshot.retained.len(),
-            sessions: snapshot.sessions.len(),
+            sessions: snapshot.sessions.len() - local_sessions,
+            local_sessions,
             messages: snapshot.messages.len(),
         })
     };
@@ -249,6 +258,7 @@ pub async fn autosave(
             Ok(saved) => tracing::debug!(
                 retained = saved.retained,
                 sessions = saved.sessions,
+                local_sessions = saved.local_sessions,
                 "Broker state saved."
             ),
             Err(error) => tracing::warn!("Autosave failed: {error}"),

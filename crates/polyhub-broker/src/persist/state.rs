@@ -2,15 +2,17 @@
 //! snapshot is put back.
 //!
 //! Taken: retained messages (not `$` topics: `$SYS` is regenerated, and `$` topics are the
-//! server's own, MQTT §4.7.2) and network sessions that outlive their connection (session
-//! expiry > 0) whose connection reported its settings. Local clients' sessions are not taken:
-//! the program recreates them. Expiry intervals (session, message, will delay) are stored as
-//! what remains, and count again from the restore.
+//! server's own, MQTT §4.7.2), network sessions that outlive their connection (session
+//! expiry > 0) whose connection reported its settings, and the persistent sessions of
+//! in-process clients (with what their client took and did not acknowledge, so that it is
+//! handed out again after the restart). Other local clients' sessions are not taken: the
+//! program recreates them. Expiry intervals (session, message, will delay) are stored as what
+//! remains, and count again from the restore.
 //!
 //! Lock order as everywhere: sessions map → subscription tree → session state → retained
 //! store, with a session's `persistence` mutex as a leaf; no lock is held across an `.await`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,8 +24,8 @@ use crate::client::{spawn_expiry_timer, spawn_will_timer};
 use crate::error::BrokerError;
 use crate::message::{BROKER_PUBLISHER, Delivery, Message};
 use crate::persist::format::{
-    InflightStage, Snapshot, StoredDelivery, StoredInflight, StoredMessage, StoredSession,
-    StoredSubscription, StoredWill,
+    InflightStage, Snapshot, StoredDelivery, StoredInflight, StoredLocal, StoredMessage,
+    StoredSession, StoredSubscription, StoredWill,
 };
 use crate::session::{Awaiting, Inflight, Session, SessionKind};
 use crate::subscriptions::Subscription;
@@ -37,8 +39,10 @@ const NEVER_SECS: u32 = 365 * 24 * 3600;
 pub struct RestoreSummary {
     /// Retained messages restored.
     pub retained: usize,
-    /// Sessions restored.
+    /// Sessions of network clients restored.
     pub sessions: usize,
+    /// Persistent sessions of in-process clients restored (waiting for their client).
+    pub local_sessions: usize,
     /// Sessions not restored: their client id was already in use, or `max_session_expiry` is
     /// now 0.
     pub skipped_sessions: usize,
@@ -116,18 +120,20 @@ pub(crate) fn snapshot(shared: &Shared) -> Snapshot {
         }
     }
 
-    let mut sessions: Vec<Arc<Session>> = shared
-        .sessions
-        .lock()
-        .values()
-        .filter(|session| session.kind == SessionKind::Network)
-        .cloned()
-        .collect();
+    let mut sessions: Vec<Arc<Session>> = shared.sessions.lock().values().cloned().collect();
     sessions.sort_by(|a, b| a.client_id.cmp(&b.client_id));
     let mut stored_sessions = Vec::new();
     let mut unreported = 0usize;
     for session in &sessions {
-        match stored_session(session, &mut table, shared.config.queue_qos0_messages) {
+        let taken = match session.kind() {
+            SessionKind::Network => {
+                stored_session(session, &mut table, shared.config.queue_qos0_messages)
+            }
+            SessionKind::Local => {
+                stored_local_session(session, &mut table, shared.config.queue_qos0_messages)
+            }
+        };
+        match taken {
             Taken::Stored(stored) => stored_sessions.push(*stored),
             Taken::Unreported => unreported += 1,
             Taken::NotPersistent => {}
@@ -234,6 +240,59 @@ fn stored_session(session: &Session, table: &mut MessageTable, queue_qos0: bool)
         inflight,
         awaiting_release: state.awaiting_release.clone(),
         will,
+        local: None,
+    }))
+}
+
+/// The persistent session of an in-process client: subscriptions, queue, and what its client
+/// took and did not acknowledge. Taken whether or not a client is attached: after a crash,
+/// what the client held uncommitted must come back.
+fn stored_local_session(session: &Session, table: &mut MessageTable, queue_qos0: bool) -> Taken {
+    let state = session.state.lock();
+    let Some(acks) = state.local.as_deref() else {
+        return Taken::NotPersistent;
+    };
+    let mut subscriptions = Vec::new();
+    for (filter, subscription) in state.subscriptions.iter() {
+        let Some(subscription) = subscription else {
+            return Taken::Unreported;
+        };
+        subscriptions.push(StoredSubscription {
+            filter: filter.to_owned(),
+            options: subscription.options,
+            identifier: subscription.identifier,
+        });
+    }
+    subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+    let now = table.now;
+    // Restored, the session waits for its client like an offline one: QoS 0 only where an
+    // offline session keeps it. Handed-out messages are kept even when expired (as inflight
+    // ones are): the client had them and may not have finished with them.
+    let queue = state
+        .queue
+        .iter()
+        .filter(|delivery| queue_qos0 || delivery.qos != QoS::AtMostOnce)
+        .filter(|delivery| !delivery.message.is_expired(now))
+        .map(|delivery| table.delivery(delivery))
+        .collect();
+    let unacknowledged = acks
+        .pending()
+        .map(|delivery| table.delivery(delivery))
+        .collect();
+    Taken::Stored(Box::new(StoredSession {
+        client_id: session.client_id.clone(),
+        protocol: polyhub_mqtt::ProtocolVersion::V5,
+        expiry: u32::MAX,
+        next_packet_id: 1,
+        subscriptions,
+        queue,
+        inflight: Vec::new(),
+        awaiting_release: Vec::new(),
+        will: None,
+        local: Some(StoredLocal {
+            max_queued: u32::try_from(session.max_queued()).unwrap_or(u32::MAX),
+            unacknowledged,
+        }),
     }))
 }
 
@@ -290,6 +349,14 @@ pub(crate) fn restore(
 
     let mut due_wills = Vec::new();
     for stored in snapshot.sessions {
+        if let Some(local) = &stored.local {
+            if restore_local(shared, &stored, local, &messages) {
+                summary.local_sessions += 1;
+            } else {
+                summary.skipped_sessions += 1;
+            }
+            continue;
+        }
         let expiry = shared
             .config
             .max_session_expiry
@@ -392,6 +459,61 @@ pub(crate) fn restore(
     }
     shared.refresh_gauges();
     Ok(summary)
+}
+
+/// Put back the persistent session of an in-process client, waiting for its client to
+/// attach (`Broker::local_client_persistent`); it never expires. Returns whether it was
+/// restored (not if its client id is in use).
+fn restore_local(
+    shared: &Shared,
+    stored: &StoredSession,
+    local: &StoredLocal,
+    messages: &[Arc<Message>],
+) -> bool {
+    let pending: VecDeque<Delivery> = local
+        .unacknowledged
+        .iter()
+        .map(|delivery| self::delivery(delivery, messages))
+        .collect();
+    let session = {
+        let mut sessions = shared.sessions.lock();
+        if sessions.contains_key(&stored.client_id) {
+            tracing::warn!(
+                client_id = %stored.client_id,
+                "Saved in-process session not restored: the client id is already in use."
+            );
+            return false;
+        }
+        let session = Arc::new(Session::new_local_persistent(
+            shared.next_session_id(),
+            stored.client_id.clone(),
+            local.max_queued as usize,
+            pending,
+        ));
+        sessions.insert(stored.client_id.clone(), Arc::clone(&session));
+        session
+    };
+    for subscription in &stored.subscriptions {
+        if !Shared::filter_is_valid(&subscription.filter) {
+            tracing::warn!(
+                client_id = %stored.client_id,
+                filter = %subscription.filter,
+                "Saved subscription with an invalid filter skipped."
+            );
+            continue;
+        }
+        let live = Subscription {
+            options: subscription.options,
+            identifier: subscription.identifier,
+        };
+        shared.subscribe(&session, &subscription.filter, live);
+    }
+    session.state.lock().queue = stored
+        .queue
+        .iter()
+        .map(|delivery| self::delivery(delivery, messages))
+        .collect();
+    true
 }
 
 /// A new, disconnected network session for `client_id`; `None` if the id is in use.

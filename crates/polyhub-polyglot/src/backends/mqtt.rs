@@ -16,10 +16,13 @@
 //!   (device, name) this client sent a command to and has not seen the echo of are taken as
 //!   echoes: everything else on `data/+/+` is telemetry, the hub's business.
 //!
-//! Presence: what the owner reports through [`MqttBackend::set_presence`] (the embedded
-//! broker's connect/disconnect events, shared through a [`PresenceTable`]), plus the
-//! `resourceavailable/<device>/presence` messages of sgframework resources, which are also
-//! reported as [`BackendEvent::Presence`].
+//! Presence: on the embedded broker, its sessions (asked through a [`PresenceTable`]); on any
+//! broker, what devices report themselves: the hub `presence` channel of hub-style devices
+//! (`/{hub}/{device}/presence`, `online` / `offline`, normally retained and the device's last
+//! will, the only source with an external broker) and the
+//! `resourceavailable/<device>/presence` messages of sgframework resources. Reported presence
+//! is kept in the table and also sent as [`BackendEvent::Presence`], so that the command
+//! service sends queued commands the moment a device comes online.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +33,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use polyhub_hub::ChannelTemplates;
 use polyhub_hub::bus::{BusClient, BusConnector, BusError, BusMessage, Outgoing};
-use polyhub_hub::channels::{SgframeworkTopic, parse_sgframework_topic};
+use polyhub_hub::channels::{SgframeworkTopic, parse_presence_payload, parse_sgframework_topic};
 use polyhub_store::{ChannelStyle, Command, Device, Store, StoreError};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -200,6 +203,7 @@ impl MqttBackend {
             .map_err(|error| BackendError::Config(error.to_string()))?;
         let filters = vec![
             options.channels.command_reply_filter(),
+            options.channels.presence_filter(),
             SGFRAMEWORK_DATA_FILTER.to_owned(),
             SGFRAMEWORK_PRESENCE_FILTER.to_owned(),
         ];
@@ -548,6 +552,12 @@ impl BusTask {
             }
             return;
         }
+        if let Some(topic) = self.shared.channels.parse_presence_topic(&message.topic) {
+            let (hub, device) = (topic.hub.map(str::to_owned), topic.device.to_owned());
+            self.handle_hub_presence(hub.as_deref(), &device, message)
+                .await;
+            return;
+        }
         match parse_sgframework_topic(&message.topic) {
             Some(SgframeworkTopic::Data { device, signal }) => {
                 self.handle_echo(device, signal, message).await;
@@ -585,6 +595,39 @@ impl BusTask {
         self.emit(event).await;
     }
 
+    /// A message on the hub `presence` channel of a hub-style device.
+    async fn handle_hub_presence(&mut self, hub: Option<&str>, device: &str, message: &BusMessage) {
+        let Some(online) = parse_presence_payload(&message.payload) else {
+            debug!(topic = %message.topic, "ignoring a presence payload that is not online/offline");
+            return;
+        };
+        let hub_id = match self.shared.store.get_device(device).await {
+            Ok(device) => device.hub_id,
+            Err(StoreError::NotFound(_)) => return,
+            Err(error) => {
+                warn!(
+                    device,
+                    "cannot read the device of a presence message: {error}"
+                );
+                return;
+            }
+        };
+        // Another hub's topic naming this device id is not this device speaking.
+        if hub.is_some_and(|hub| hub != hub_id) {
+            return;
+        }
+        match self.shared.hub_style(&hub_id).await {
+            Ok(ChannelStyle::Hub) => {}
+            Ok(ChannelStyle::Sgframework) => return,
+            Err(error) => {
+                warn!(device, "cannot read the hub of a presence message: {error}");
+                return;
+            }
+        }
+        self.report_presence(device, online, message.received_at)
+            .await;
+    }
+
     /// A `resourceavailable/<device>/presence` message of a device of an sgframework hub.
     async fn handle_presence(&mut self, device: &str, message: &BusMessage) {
         let online = match message.payload.trim_ascii() {
@@ -614,11 +657,17 @@ impl BusTask {
                 return;
             }
         }
+        self.report_presence(device, online, message.received_at)
+            .await;
+    }
+
+    /// Records presence a device reported and tells the command service.
+    async fn report_presence(&mut self, device: &str, online: bool, at: polyhub_store::Millis) {
         self.shared.presence.set(device, online);
         self.emit(BackendEvent::Presence {
             device_id: device.to_owned(),
             online,
-            at: message.received_at,
+            at,
         })
         .await;
     }
@@ -688,7 +737,9 @@ fn parse_reply(payload: &[u8], correlation_data: Option<&Bytes>) -> Result<Reply
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttClientSettings {
-    /// `"embedded"` (the broker of this process) or `"host:port"` of an external broker.
+    /// `"hub"` (the broker the hub ingests from: the embedded one, or the external broker
+    /// the binary was configured with), `"embedded"` (only the broker of this process), or
+    /// the address of another broker for commands alone (`mqtt://host:port` or `host:port`).
     pub broker: String,
     /// The bus client id; defaults to `polyhub-polyglot-<section name>`.
     pub client_id: Option<String>,
@@ -697,17 +748,20 @@ pub struct MqttClientSettings {
 impl Default for MqttClientSettings {
     fn default() -> Self {
         MqttClientSettings {
-            broker: EMBEDDED.to_owned(),
+            broker: HUB.to_owned(),
             client_id: None,
         }
     }
 }
 
+/// `broker` value selecting the hub's broker, wherever it is.
+const HUB: &str = "hub";
+
 /// `broker` value selecting the embedded broker.
 const EMBEDDED: &str = "embedded";
 
-/// Makes a bus connector to an external broker at `host:port` (supplied by the binary, which
-/// owns the MQTT client implementation of the bus).
+/// Makes a bus connector to another broker from the `broker` setting (`mqtt://host:port`,
+/// `host:port`; supplied by the binary, which owns the MQTT client implementation of the bus).
 pub type ExternalBusConnector =
     Arc<dyn Fn(&str) -> Result<Arc<dyn BusConnector>, String> + Send + Sync>;
 
@@ -716,6 +770,8 @@ pub type ExternalBusConnector =
 pub struct MqttClientFactory {
     presence: PresenceTable,
     external: Option<ExternalBusConnector>,
+    /// The hub's bus is an external broker: `broker = "embedded"` would reach no device.
+    hub_is_external: bool,
 }
 
 impl std::fmt::Debug for MqttClientFactory {
@@ -723,21 +779,31 @@ impl std::fmt::Debug for MqttClientFactory {
         formatter
             .debug_struct("MqttClientFactory")
             .field("external", &self.external.is_some())
+            .field("hub_is_external", &self.hub_is_external)
             .finish_non_exhaustive()
     }
 }
 
 impl MqttClientFactory {
-    /// A factory whose embedded-broker clients read presence from `presence` (feed it the
-    /// embedded broker's connect/disconnect events).
+    /// A factory whose clients on the hub's broker read presence from `presence` (on the
+    /// embedded broker, a table that asks its sessions; on an external broker, an empty one
+    /// that the devices' presence messages fill).
     pub fn new(presence: PresenceTable) -> MqttClientFactory {
         MqttClientFactory {
             presence,
             external: None,
+            hub_is_external: false,
         }
     }
 
-    /// Allows `broker = "host:port"`, connecting through `connector`.
+    /// Says that the hub's bus ([`FactoryContext::bus`]) is an external broker, not the
+    /// embedded one: `broker = "embedded"` is then refused, as no device is on it.
+    pub fn with_external_hub(mut self) -> MqttClientFactory {
+        self.hub_is_external = true;
+        self
+    }
+
+    /// Allows `broker = "mqtt://host:port"` (another broker), connecting through `connector`.
     pub fn with_external(mut self, connector: ExternalBusConnector) -> MqttClientFactory {
         self.external = Some(connector);
         self
@@ -764,11 +830,19 @@ impl ClientFactory for MqttClientFactory {
         let settings: MqttClientSettings = toml::Value::Table(settings)
             .try_into()
             .map_err(|error| BackendError::Config(error.to_string()))?;
-        let (connector, presence) = if settings.broker == EMBEDDED {
+        let (connector, presence) = if settings.broker == HUB || settings.broker == EMBEDDED {
+            if settings.broker == EMBEDDED && self.hub_is_external {
+                return Err(BackendError::Config(
+                    "broker = \"embedded\": the embedded broker serves no devices while the \
+                     hub uses an external broker; use broker = \"hub\" (the default)"
+                        .to_owned(),
+                ));
+            }
             let connector = context.bus.clone().ok_or_else(|| {
-                BackendError::Config(
-                    "broker = \"embedded\" but this process runs no embedded broker".to_owned(),
-                )
+                BackendError::Config(format!(
+                    "broker = {:?} but this process has no hub broker",
+                    settings.broker
+                ))
             })?;
             (connector, self.presence.clone())
         } else {
@@ -781,7 +855,7 @@ impl ClientFactory for MqttClientFactory {
             let connector = external(&settings.broker).map_err(|error| {
                 BackendError::Config(format!("broker = {:?}: {error}", settings.broker))
             })?;
-            // The embedded broker's connections say nothing about an external broker's.
+            // The embedded broker's connections say nothing about another broker's.
             (connector, PresenceTable::default())
         };
         let options = MqttBackendOptions {

@@ -1,20 +1,21 @@
 //! [`LocalBus`]: the hub's bus over the embedded broker's in-process clients.
 //!
-//! A [`LocalClient`] acknowledges implicitly, the moment a message is taken from its queue.
-//! The hub needs more: a parser acknowledges only what it has committed, and a parser that is
-//! restarted must get back what it had received but not committed. So this adapter keeps the
-//! acknowledgement state itself, per client id, in a [`SessionState`]: the messages handed out
-//! and not yet acknowledged, and those waiting to be handed out again.
+//! Persistent connects use the broker's persistent in-process sessions
+//! ([`Broker::local_client_persistent`]): the broker keeps the subscriptions, the queue
+//! (unbounded, never drops) and every message handed out and not acknowledged, saves them in
+//! its snapshot (`broker.db`) and restores them, so a parser's session survives a restart of
+//! polyhub, and a stopped hub's devices keep being queued for it. The hub needs this: a parser
+//! acknowledges only what it has committed, and a parser that is restarted (in this process
+//! or after a restart of polyhub) must get back what it had received but not committed.
 //!
-//! Persistent connects behave like an MQTT persistent session: the connector keeps the
-//! client id's `LocalClient` (and so its subscriptions and its queue, which is unbounded and
-//! never drops) when the [`BusClient`] handle is dropped; the next handle with that id first
-//! gets every message that was handed out and not acknowledged, marked redelivered and with
-//! its `seq`, then what arrived since. A new handle takes the session over from one still
-//! alive, which then fails with [`BusError::Closed`]. A non-persistent connect discards any
-//! session kept for its id and ends its own with the handle.
+//! Within the process, the connector keeps the client id's [`LocalClient`] attached between
+//! [`BusClient`] handles; the next handle with that id first gets every message that was
+//! handed out and not acknowledged, marked redelivered and with its `seq`, then what arrived
+//! since. A new handle takes the session over from one still alive, which then fails with
+//! [`BusError::Closed`]. A non-persistent connect discards any session kept for its id (kept
+//! here, or restored by the broker) and ends its own with the handle.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -42,21 +43,14 @@ struct Slot {
     session: Arc<tokio::sync::Mutex<SessionState>>,
 }
 
-/// One client id's broker session with the acknowledgement state on top of it.
+/// One client id's broker session and which handle owns it. The acknowledgement state (what
+/// was handed out and not acknowledged, by token) is the broker's, in the session itself.
 #[derive(Debug)]
 struct SessionState {
     /// `None` once a non-persistent connect discarded the session.
     client: Option<LocalClient>,
     /// Which handle owns the session; older handles are refused.
     generation: u64,
-    /// The next [`AckToken`]; tokens are never reused within a session, so a token of an
-    /// earlier handle can never acknowledge a later message.
-    next_token: u64,
-    /// QoS 1/2 messages handed out by the owning handle and not acknowledged, by token (so in
-    /// the order they were handed out).
-    unacked: BTreeMap<u64, BusMessage>,
-    /// Messages an earlier handle did not acknowledge, to hand out before anything new.
-    redeliver: VecDeque<BusMessage>,
 }
 
 impl SessionState {
@@ -64,33 +58,18 @@ impl SessionState {
         SessionState {
             client: Some(client),
             generation: 0,
-            next_token: 1,
-            unacked: BTreeMap::new(),
-            redeliver: VecDeque::new(),
         }
     }
 
-    /// Give the session to a new handle: what the previous one did not acknowledge goes
-    /// first, ahead of older leftovers it had not been handed yet.
+    /// Give the session to a new handle: what the previous one did not acknowledge is handed
+    /// out again first (the broker's tokens are never reused within a session, so a token of
+    /// an earlier handle can never acknowledge a later message).
     fn take_over(&mut self) -> u64 {
         self.generation += 1;
-        let unacked = std::mem::take(&mut self.unacked);
-        for (_, mut message) in unacked.into_iter().rev() {
-            message.redelivered = true;
-            self.redeliver.push_front(message);
+        if let Some(client) = &self.client {
+            client.redeliver_unacknowledged();
         }
         self.generation
-    }
-
-    /// Hand `message` out with a fresh token, remembering it until acknowledged (QoS 1/2).
-    fn hand_out(&mut self, mut message: BusMessage) -> BusMessage {
-        let token = self.next_token;
-        self.next_token += 1;
-        message.token = AckToken(token);
-        if message.qos > 0 {
-            self.unacked.insert(token, message.clone());
-        }
-        message
     }
 }
 
@@ -103,10 +82,19 @@ impl LocalBus {
         }
     }
 
-    /// The broker client for `client_id`: unbounded, because ingest must never drop.
+    /// A plain broker client for `client_id` (implicit acknowledgement, ends with the
+    /// handle): unbounded, because ingest must never drop.
     fn local_client(&self, client_id: &str) -> Result<LocalClient, BusError> {
         self.broker
             .local_client_with_queue(client_id, 0)
+            .map_err(broker_error)
+    }
+
+    /// The persistent broker session of `client_id`, resumed if the broker has it (kept from
+    /// before, or restored from its snapshot): unbounded, because ingest must never drop.
+    fn persistent_client(&self, client_id: &str) -> Result<LocalClient, BusError> {
+        self.broker
+            .local_client_persistent(client_id, 0)
             .map_err(broker_error)
     }
 
@@ -122,16 +110,18 @@ impl LocalBus {
         let slot = Arc::new(Slot {
             owner: Mutex::new(CancellationToken::new()),
             session: Arc::new(tokio::sync::Mutex::new(SessionState::new(
-                self.local_client(client_id)?,
+                self.persistent_client(client_id)?,
             ))),
         });
         persistent.insert(client_id.to_owned(), Arc::clone(&slot));
         Ok(slot)
     }
 
-    /// End the kept session of `client_id`, if any: its handle is cut off and the broker
-    /// session (subscriptions, queue) ends.
+    /// End the kept session of `client_id`, if any (kept here, or restored by the broker and
+    /// not resumed yet): its handle is cut off and the broker session (subscriptions, queue,
+    /// unacknowledged messages) ends.
     async fn discard(&self, client_id: &str) {
+        self.broker.discard_local_session(client_id);
         let slot = self
             .persistent
             .lock()
@@ -144,8 +134,10 @@ impl LocalBus {
                 .cancel();
             let mut state = slot.session.lock().await;
             state.generation += 1;
-            // Dropping the LocalClient ends the broker session before the id is reused.
-            state.client = None;
+            // Ended (not only detached) before the id is reused.
+            if let Some(client) = state.client.take() {
+                client.end_session();
+            }
         }
     }
 }
@@ -174,13 +166,29 @@ impl BusConnector for LocalBus {
             cancelled.clone(),
         );
         previous.cancel();
-        let generation = slot.session.lock().await.take_over();
+        let generation = {
+            let mut state = slot.session.lock().await;
+            if state.client.is_none() {
+                // The last handle let go (see `Drop for LocalBusClient`): resume the broker's
+                // session, which a parser in another isolation may have used meanwhile.
+                state.client = Some(self.persistent_client(client_id)?);
+            }
+            state.take_over()
+        };
         Ok(Box::new(LocalBusClient {
             client_id: client_id.to_owned(),
             session: Arc::clone(&slot.session),
             generation,
             cancelled,
         }))
+    }
+
+    /// Creates (or resumes) the session as an unbounded in-process one and lets go of it: the
+    /// child's CONNECT that keeps its session then resumes it as a network session with that
+    /// queue bound (none), instead of `[mqtt.limits] max_queued_messages`.
+    async fn prepare_session(&self, client_id: &str) -> Result<(), BusError> {
+        drop(self.connect(client_id, true).await?);
+        Ok(())
     }
 }
 
@@ -217,15 +225,33 @@ impl LocalBusClient {
     }
 }
 
-/// The hub's view of a message from the broker; the token is set when it is handed out.
+impl Drop for LocalBusClient {
+    /// The handle that owns the session detaches the broker client when it goes, so that the
+    /// session is free for whoever comes next: a parser of the same hub in process isolation
+    /// resumes it over TCP (the broker turns it into a network session), or a later handle
+    /// here resumes it. A handle that was taken over owns nothing.
+    fn drop(&mut self) {
+        if self.cancelled.is_cancelled() {
+            return;
+        }
+        // Free unless a newer handle holds it, which would have cancelled this one first.
+        if let Ok(mut state) = self.session.try_lock()
+            && state.generation == self.generation
+        {
+            state.client = None;
+        }
+    }
+}
+
+/// The hub's view of a message from the broker.
 fn bus_message(message: LocalMessage) -> BusMessage {
     BusMessage {
         topic: message.topic,
         payload: message.payload,
         qos: message.qos as u8,
         seq: Some(message.seq),
-        redelivered: false,
-        token: AckToken(0),
+        redelivered: message.redelivered,
+        token: AckToken(message.token),
         response_topic: message.properties.response_topic,
         correlation_data: message.properties.correlation_data,
         received_at: polyhub_store::now_millis(),
@@ -263,9 +289,6 @@ impl BusClient for LocalBusClient {
     /// Cancel safe: nothing is taken from the session while this waits.
     async fn recv(&mut self) -> Result<Option<BusMessage>, BusError> {
         let mut state = self.session().await?;
-        if let Some(message) = state.redeliver.pop_front() {
-            return Ok(Some(state.hand_out(message)));
-        }
         let Some(client) = state.client.as_mut() else {
             return Err(self.taken_over());
         };
@@ -275,18 +298,17 @@ impl BusClient for LocalBusClient {
             received = client.recv() => received,
             () = self.cancelled.cancelled() => return Err(self.taken_over()),
         };
-        match received {
-            Some(message) => Ok(Some(state.hand_out(bus_message(message)))),
-            None => Ok(None),
-        }
+        Ok(received.map(bus_message))
     }
 
     async fn ack(&mut self, tokens: &[AckToken]) -> Result<(), BusError> {
-        let mut state = self.session().await?;
-        for token in tokens {
-            // Unknown tokens (QoS 0, already acknowledged) are nothing to do.
-            state.unacked.remove(&token.0);
-        }
+        let state = self.session().await?;
+        let Some(client) = state.client.as_ref() else {
+            return Err(self.taken_over());
+        };
+        // Unknown tokens (QoS 0, already acknowledged) are nothing to do.
+        let tokens: Vec<u64> = tokens.iter().map(|token| token.0).collect();
+        client.ack(&tokens);
         Ok(())
     }
 

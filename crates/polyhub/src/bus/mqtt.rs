@@ -12,11 +12,26 @@
 //! client id would take the session from each other at every reconnect: drop the old one
 //! before connecting again.
 //!
+//! **Closing.** Dropping a client first makes a round trip to the broker (an UNSUBSCRIBE of a
+//! filter nobody uses), so that the broker has read everything sent before, the last
+//! acknowledgements included, and then sends DISCONNECT. [`MqttBus`] keeps that closing
+//! connection; the next connect with the same id waits for it, as does [`MqttBus::closed`] at
+//! the end of the process. Without the round trip, a parser restarted (or a process ending)
+//! right after its last commit could lose its final PUBACKs: closing a socket with unread
+//! deliveries in it makes the kernel reset the connection, and Mosquitto then drops what it had
+//! not read yet (seen in tests). A broker without polyhub's seq would deliver those committed
+//! messages again, and they would be stored twice.
+//!
 //! CONNECT carries the user property `polyhub-stamp-seq=1`, so polyhub's broker adds
 //! `polyhub-seq` to every PUBLISH; other brokers ignore it and `seq` stays `None`.
+//!
+//! For an external broker ([`MqttBusOptions`] from `[external_broker]`) the options add a
+//! user name and password, TLS, and a prefix put before every client id, so that the hub's
+//! fixed ids (`polyhub-parser-<hub>`, ...) can be told apart per installation.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,8 +55,23 @@ const PERSISTENT_SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 /// batch (1000 messages by default) while it commits.
 const RECEIVE_MAXIMUM: u16 = 1000;
 
-/// Where the broker is and how to reach it.
-#[derive(Debug, Clone)]
+/// Longest wait for a dropped client's DISCONNECT (polyhub-client gives up writing after 5 s).
+const CLOSE_WAIT: Duration = Duration::from_secs(6);
+
+/// The filter of the closing round trip; never subscribed.
+const CLOSE_BARRIER_FILTER: &str = "polyhub/bus/close-barrier";
+
+/// Connections being closed, by the client id the hub asked for.
+type Closing = Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>;
+
+fn lock(
+    closing: &Closing,
+) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::JoinHandle<()>>> {
+    closing.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where the broker is and how to reach it. `Debug` leaves the password out.
+#[derive(Clone)]
 pub(crate) struct MqttBusOptions {
     /// Host name or IP address.
     pub(crate) host: String,
@@ -51,16 +81,55 @@ pub(crate) struct MqttBusOptions {
     pub(crate) tls: Option<TlsOptions>,
     /// Keep-alive of each connection.
     pub(crate) keep_alive: Duration,
+    /// User name to log in with.
+    pub(crate) username: Option<String>,
+    /// Password to log in with (sent only with a user name).
+    pub(crate) password: Option<String>,
+    /// Put before every client id the hub asks for.
+    pub(crate) client_id_prefix: String,
+}
+
+impl std::fmt::Debug for MqttBusOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttBusOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("keep_alive", &self.keep_alive)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("client_id_prefix", &self.client_id_prefix)
+            .finish()
+    }
 }
 
 impl MqttBusOptions {
     /// Plain TCP to `address`, keep-alive 30 s.
     pub(crate) fn new(address: SocketAddr) -> MqttBusOptions {
+        MqttBusOptions::to_host(address.ip().to_string(), address.port())
+    }
+
+    /// Plain TCP to `host` (a name or an IP address) and `port`, keep-alive 30 s, no login,
+    /// no client id prefix.
+    pub(crate) fn to_host(host: String, port: u16) -> MqttBusOptions {
         MqttBusOptions {
-            host: address.ip().to_string(),
-            port: address.port(),
+            host,
+            port,
             tls: None,
             keep_alive: Duration::from_secs(30),
+            username: None,
+            password: None,
+            client_id_prefix: String::new(),
+        }
+    }
+
+    /// Where these options lead, for messages: `mqtt://host:port` or `mqtts://host:port`.
+    pub(crate) fn describe(&self) -> String {
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -69,6 +138,7 @@ impl MqttBusOptions {
 #[derive(Debug)]
 pub(crate) struct MqttBus {
     options: MqttBusOptions,
+    closing: Closing,
 }
 
 impl MqttBus {
@@ -80,10 +150,23 @@ impl MqttBus {
 
     /// A bus with the given connection settings.
     pub(crate) fn with_options(options: MqttBusOptions) -> MqttBus {
-        MqttBus { options }
+        MqttBus {
+            options,
+            closing: Closing::default(),
+        }
+    }
+
+    /// Waits until every dropped client has sent its DISCONNECT (each at most [`CLOSE_WAIT`]):
+    /// call it before the process ends, so that the last acknowledgements reach the broker.
+    pub(crate) async fn closed(&self) {
+        let closing: Vec<_> = lock(&self.closing).drain().map(|(_, task)| task).collect();
+        for task in closing {
+            let _ = tokio::time::timeout(CLOSE_WAIT, task).await;
+        }
     }
 
     fn client_options(&self, client_id: &str, persistent: bool) -> ClientOptions {
+        let client_id = format!("{}{client_id}", self.options.client_id_prefix);
         let mut options = ClientOptions::new(client_id, &self.options.host, self.options.port)
             .protocol(ProtocolVersion::V5)
             .keep_alive(self.options.keep_alive)
@@ -100,6 +183,14 @@ impl MqttBus {
         if let Some(tls) = &self.options.tls {
             options = options.tls(tls.clone());
         }
+        match (&self.options.username, &self.options.password) {
+            (Some(username), Some(password)) => {
+                options = options.credentials(username.clone(), password.clone().into_bytes());
+            }
+            (Some(username), None) => options = options.username(username.clone()),
+            // MQTT 3.1.1 has no password without a user name; configuration refuses it.
+            (None, _) => {}
+        }
         options
     }
 }
@@ -111,6 +202,11 @@ impl BusConnector for MqttBus {
         client_id: &str,
         persistent: bool,
     ) -> Result<Box<dyn BusClient>, BusError> {
+        // The previous connection with this id says goodbye first (see the module header).
+        let previous = lock(&self.closing).remove(client_id);
+        if let Some(previous) = previous {
+            let _ = tokio::time::timeout(CLOSE_WAIT, previous).await;
+        }
         let options = self.client_options(client_id, persistent);
         let (client, events) = Client::connect(options).await.map_err(connection_error)?;
         Ok(Box::new(MqttBusClient {
@@ -119,6 +215,8 @@ impl BusConnector for MqttBus {
             tokens: HashMap::new(),
             next_token: 1,
             finished: false,
+            client_id: client_id.to_owned(),
+            closing: Arc::clone(&self.closing),
         }))
     }
 }
@@ -134,6 +232,34 @@ struct MqttBusClient {
     next_token: u64,
     /// The broker said it is shutting down: `recv` returns `None` from then on.
     finished: bool,
+    /// The id the hub asked for (without the prefix), under which the bus tracks the close.
+    client_id: String,
+    closing: Closing,
+}
+
+impl Drop for MqttBusClient {
+    fn drop(&mut self) {
+        // Outside a runtime nothing can be awaited; the client's task closes the connection
+        // on its own when the last handle is gone.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.client.clone();
+        let finished = self.finished;
+        let task = runtime.spawn(async move {
+            if !finished {
+                let barrier = client
+                    .unsubscribe_many(vec![CLOSE_BARRIER_FILTER.to_owned()], Properties::default());
+                let _ = tokio::time::timeout(CLOSE_WAIT, barrier).await;
+            }
+            let _ = client.disconnect().await;
+        });
+        if let Some(older) = lock(&self.closing).insert(self.client_id.clone(), task) {
+            // Two handles with one id were alive (a caller error); the older close goes on
+            // unobserved.
+            drop(older);
+        }
+    }
 }
 
 impl MqttBusClient {
@@ -474,6 +600,41 @@ mod tests {
         let answer = next(&mut listener).await;
         assert_eq!(answer.correlation_data, Some(Bytes::from_static(b"42")));
         broker.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn client_ids_get_the_configured_prefix() {
+        let (broker, bus) = broker().await;
+        let mut options = bus.options.clone();
+        options.client_id_prefix = "site1-".into();
+        options.username = Some("polyhub".into());
+        options.password = Some("secret".into());
+        let prefixed = MqttBus::with_options(options);
+        let _parser = prefixed.connect("polyhub-parser-h1", true).await.unwrap();
+        let connected = broker.connected_clients();
+        assert!(
+            connected.contains(&"site1-polyhub-parser-h1".to_owned()),
+            "{connected:?}"
+        );
+        assert!(!connected.contains(&"polyhub-parser-h1".to_owned()));
+        broker.shutdown().await;
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let mut options = MqttBusOptions::to_host("b".into(), 1);
+        options.password = Some("hunter2".into());
+        let shown = format!("{:?}", MqttBus::with_options(options));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<hidden>"), "{shown}");
+    }
+
+    #[test]
+    fn options_describe_their_broker() {
+        let mut options = MqttBusOptions::to_host("broker.example".into(), 1884);
+        assert_eq!(options.describe(), "mqtt://broker.example:1884");
+        options.host = "::1".into();
+        assert_eq!(options.describe(), "mqtt://[::1]:1884");
     }
 
     #[tokio::test]
