@@ -272,7 +272,7 @@ impl Session {
     pub(crate) fn become_network(&self) -> bool {
         let mut state = self.state.lock();
         if self.kind() != SessionKind::Local
-            || !state.local.as_deref().is_some_and(|acks| !acks.attached)
+            || state.local.as_deref().is_none_or(|acks| acks.attached)
         {
             return false;
         }

@@ -5,36 +5,12 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Client, TestBroker, bounded, config, connect, start};
+use common::{Client, DataDir, TestBroker, bounded, config, connect, start};
 use polyhub_broker::persist;
 use polyhub_broker::{BrokerError, LocalClient, LocalMessage};
 use polyhub_mqtt::{ProtocolVersion, QoS, ReasonCode};
-
-/// A fresh directory for one test, removed when dropped.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(test: &str) -> DataDir {
-        let path =
-            std::env::temp_dir().join(format!("polyhub-local-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        DataDir(path)
-    }
-
-    fn snapshot(&self) -> PathBuf {
-        persist::snapshot_path(&self.0)
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Save `broker`'s state to `dir` WITHOUT shutting it down first (as an autosave before a
 /// crash would), then start a second broker from the file.
@@ -164,7 +140,7 @@ async fn a_plain_local_client_neither_acknowledges_nor_persists() {
 #[tokio::test]
 async fn a_session_survives_a_restart_through_the_snapshot_file() {
     bounded(async {
-        let dir = DataDir::new("restart");
+        let dir = DataDir::new("local", "restart");
         let broker = start(config()).await;
         let device = broker.broker.local_client("device").unwrap();
         let mut parser = broker
@@ -243,7 +219,7 @@ async fn a_session_survives_a_restart_through_the_snapshot_file() {
 #[tokio::test]
 async fn a_restored_session_nobody_claims_can_be_discarded() {
     bounded(async {
-        let dir = DataDir::new("discard");
+        let dir = DataDir::new("local", "discard");
         let broker = start(config()).await;
         let parser = broker.broker.local_client_persistent("parser", 0).unwrap();
         parser.subscribe("t", QoS::AtLeastOnce).await.unwrap();

@@ -4,40 +4,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Client, TestBroker, bounded, config, connect, publish, start, will};
+use common::{Client, DataDir, TestBroker, bounded, config, connect, publish, start, will};
 use polyhub_broker::persist::{self, PersistError, SnapshotError};
 use polyhub_broker::{BrokerConfig, MessageProperties, OnCorrupt};
 use polyhub_mqtt::{
     Connect, Disconnect, Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode,
     SubscriptionOptions,
 };
-
-/// A fresh directory for one test, removed when dropped.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(test: &str) -> DataDir {
-        let path =
-            std::env::temp_dir().join(format!("polyhub-persistence-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        DataDir(path)
-    }
-
-    fn snapshot(&self) -> PathBuf {
-        persist::snapshot_path(&self.0)
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Shut `broker` down as `polyhub run` does, save its state to `dir`, and start a new broker
 /// with `config` from that file.
@@ -74,7 +50,7 @@ async fn resume(broker: &TestBroker, request: Connect) -> (Client, bool) {
 #[tokio::test]
 async fn retained_messages_survive_a_restart_with_their_properties() {
     bounded(async {
-        let dir = DataDir::new("retained");
+        let dir = DataDir::new("persistence", "retained");
         let broker = start(config()).await;
         let mut publisher = broker.client(ProtocolVersion::V5, "publisher").await;
         let mut with_properties = publish("status/a", b"on", QoS::AtLeastOnce, true, 1);
@@ -139,7 +115,7 @@ async fn retained_messages_survive_a_restart_with_their_properties() {
 #[tokio::test]
 async fn persistent_sessions_keep_subscriptions_and_queued_messages() {
     bounded(async {
-        let dir = DataDir::new("sessions");
+        let dir = DataDir::new("persistence", "sessions");
         let broker = start(config()).await;
         let v311 = persistent(ProtocolVersion::V311, "sub-311", 0);
         let v5 = persistent(ProtocolVersion::V5, "sub-5", 600);
@@ -216,7 +192,7 @@ async fn persistent_sessions_keep_subscriptions_and_queued_messages() {
 #[tokio::test]
 async fn unacknowledged_messages_are_resent_after_a_restart() {
     bounded(async {
-        let dir = DataDir::new("inflight");
+        let dir = DataDir::new("persistence", "inflight");
         let broker = start(config()).await;
         let request = persistent(ProtocolVersion::V311, "slow", 0);
         let (mut slow, _) = resume(&broker, request.clone()).await;
@@ -268,7 +244,7 @@ async fn unacknowledged_messages_are_resent_after_a_restart() {
 #[tokio::test]
 async fn inbound_qos2_awaiting_pubrel_is_remembered() {
     bounded(async {
-        let dir = DataDir::new("inbound-qos2");
+        let dir = DataDir::new("persistence", "inbound-qos2");
         let broker = start(config()).await;
         let mut watcher = broker.client(ProtocolVersion::V311, "watcher").await;
         watcher.subscribe("x/#", QoS::AtMostOnce).await;
@@ -318,7 +294,7 @@ async fn inbound_qos2_awaiting_pubrel_is_remembered() {
 #[tokio::test]
 async fn clean_sessions_are_not_saved() {
     bounded(async {
-        let dir = DataDir::new("clean");
+        let dir = DataDir::new("persistence", "clean");
         let broker = start(config()).await;
         // Connected while the state is saved (an autosave) and at shutdown.
         let mut clean311 = broker.client(ProtocolVersion::V311, "clean-311").await;
@@ -355,7 +331,7 @@ async fn clean_sessions_are_not_saved() {
 #[tokio::test]
 async fn expired_sessions_are_not_restored_and_expiry_restarts_at_restore() {
     bounded(async {
-        let dir = DataDir::new("expiry");
+        let dir = DataDir::new("persistence", "expiry");
         let broker = start(config()).await;
         for (id, expiry) in [("short", 1), ("medium", 600), ("long", 600)] {
             let (mut client, _) =
@@ -401,7 +377,7 @@ async fn expired_sessions_are_not_restored_and_expiry_restarts_at_restore() {
 #[tokio::test]
 async fn a_pending_delayed_will_is_published_after_the_restart() {
     bounded(async {
-        let dir = DataDir::new("will");
+        let dir = DataDir::new("persistence", "will");
         let broker = start(config()).await;
         let mut request = persistent(ProtocolVersion::V5, "dying", 600);
         let mut last_will = will("will/dying", b"gone", QoS::AtLeastOnce, false);
@@ -501,7 +477,7 @@ async fn restoring_does_not_replace_a_session_in_use() {
 #[tokio::test]
 async fn a_corrupt_snapshot_is_a_clear_error() {
     bounded(async {
-        let dir = DataDir::new("corrupt");
+        let dir = DataDir::new("persistence", "corrupt");
         let path = dir.snapshot();
         let broker = start(config()).await;
         let mut publisher = broker.client(ProtocolVersion::V311, "publisher").await;
@@ -553,7 +529,7 @@ async fn a_corrupt_snapshot_is_a_clear_error() {
 #[tokio::test]
 async fn local_messages_and_properties_round_trip_through_the_file() {
     bounded(async {
-        let dir = DataDir::new("local");
+        let dir = DataDir::new("persistence", "local");
         let broker = start(config()).await;
         let publisher = broker.broker.local_client("ingest").unwrap();
         let properties = MessageProperties {

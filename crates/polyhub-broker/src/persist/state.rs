@@ -27,7 +27,7 @@ use crate::persist::format::{
     InflightStage, Snapshot, StoredDelivery, StoredInflight, StoredLocal, StoredMessage,
     StoredSession, StoredSubscription, StoredWill,
 };
-use crate::session::{Awaiting, Inflight, Session, SessionKind};
+use crate::session::{Awaiting, Inflight, Session, SessionKind, SessionState};
 use crate::subscriptions::Subscription;
 
 /// Intervals this long or longer arm no timer (as for live sessions): the session or will
@@ -185,28 +185,11 @@ fn stored_session(session: &Session, table: &mut MessageTable, queue_qos0: bool)
     };
 
     let state = session.state.lock();
-    let mut subscriptions = Vec::new();
-    for (filter, subscription) in state.subscriptions.iter() {
-        let Some(subscription) = subscription else {
-            return Taken::Unreported;
-        };
-        subscriptions.push(StoredSubscription {
-            filter: filter.to_owned(),
-            options: subscription.options,
-            identifier: subscription.identifier,
-        });
-    }
-    subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+    let Some(subscriptions) = stored_subscriptions(&state) else {
+        return Taken::Unreported;
+    };
 
-    // Restored sessions are offline: QoS 0 is kept only where an offline session keeps it.
-    let now = table.now;
-    let queue = state
-        .queue
-        .iter()
-        .filter(|delivery| queue_qos0 || delivery.qos != QoS::AtMostOnce)
-        .filter(|delivery| !delivery.message.is_expired(now))
-        .map(|delivery| table.delivery(delivery))
-        .collect();
+    let queue = stored_queue(&state, table, queue_qos0);
     // Inflight messages are kept even when expired: the client has them and the flow must end.
     let inflight = state
         .inflight
@@ -244,6 +227,38 @@ fn stored_session(session: &Session, table: &mut MessageTable, queue_qos0: bool)
     }))
 }
 
+/// The session's subscriptions by filter; `None` while one's options are not known.
+fn stored_subscriptions(state: &SessionState) -> Option<Vec<StoredSubscription>> {
+    let mut subscriptions = Vec::new();
+    for (filter, subscription) in state.subscriptions.iter() {
+        let subscription = subscription?;
+        subscriptions.push(StoredSubscription {
+            filter: filter.to_owned(),
+            options: subscription.options,
+            identifier: subscription.identifier,
+        });
+    }
+    subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+    Some(subscriptions)
+}
+
+/// The session's queue as a restored session keeps it: restored sessions wait offline, so QoS
+/// 0 is kept only where an offline session keeps it, and expired messages go.
+fn stored_queue(
+    state: &SessionState,
+    table: &mut MessageTable,
+    queue_qos0: bool,
+) -> Vec<StoredDelivery> {
+    let now = table.now;
+    state
+        .queue
+        .iter()
+        .filter(|delivery| queue_qos0 || delivery.qos != QoS::AtMostOnce)
+        .filter(|delivery| !delivery.message.is_expired(now))
+        .map(|delivery| table.delivery(delivery))
+        .collect()
+}
+
 /// The persistent session of an in-process client: subscriptions, queue, and what its client
 /// took and did not acknowledge. Taken whether or not a client is attached: after a crash,
 /// what the client held uncommitted must come back.
@@ -252,29 +267,12 @@ fn stored_local_session(session: &Session, table: &mut MessageTable, queue_qos0:
     let Some(acks) = state.local.as_deref() else {
         return Taken::NotPersistent;
     };
-    let mut subscriptions = Vec::new();
-    for (filter, subscription) in state.subscriptions.iter() {
-        let Some(subscription) = subscription else {
-            return Taken::Unreported;
-        };
-        subscriptions.push(StoredSubscription {
-            filter: filter.to_owned(),
-            options: subscription.options,
-            identifier: subscription.identifier,
-        });
-    }
-    subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
-    let now = table.now;
-    // Restored, the session waits for its client like an offline one: QoS 0 only where an
-    // offline session keeps it. Handed-out messages are kept even when expired (as inflight
-    // ones are): the client had them and may not have finished with them.
-    let queue = state
-        .queue
-        .iter()
-        .filter(|delivery| queue_qos0 || delivery.qos != QoS::AtMostOnce)
-        .filter(|delivery| !delivery.message.is_expired(now))
-        .map(|delivery| table.delivery(delivery))
-        .collect();
+    let Some(subscriptions) = stored_subscriptions(&state) else {
+        return Taken::Unreported;
+    };
+    // Handed-out messages are kept even when expired (as inflight ones are): the client had
+    // them and may not have finished with them.
+    let queue = stored_queue(&state, table, queue_qos0);
     let unacknowledged = acks
         .pending()
         .map(|delivery| table.delivery(delivery))

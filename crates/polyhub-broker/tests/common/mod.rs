@@ -400,3 +400,28 @@ impl Client {
         let _ = self.stream.shutdown().await;
     }
 }
+
+/// A fresh data directory for one test, removed when dropped.
+pub struct DataDir(pub std::path::PathBuf);
+
+impl DataDir {
+    /// `<temp>/polyhub-<suite>-<test>-<pid>`, emptied.
+    pub fn new(suite: &str, test: &str) -> DataDir {
+        let path =
+            std::env::temp_dir().join(format!("polyhub-{suite}-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("test data directory");
+        DataDir(path)
+    }
+
+    /// Where the broker's snapshot goes in it.
+    pub fn snapshot(&self) -> std::path::PathBuf {
+        polyhub_broker::persist::snapshot_path(&self.0)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -150,6 +150,30 @@ struct Shared {
 }
 
 impl Shared {
+    /// The hub of registered device `device` if that hub uses channel style `style`: presence
+    /// messages count only on the channels of the device's own style.
+    async fn hub_of(&self, device: &str, style: ChannelStyle) -> Option<String> {
+        let hub_id = match self.store.get_device(device).await {
+            Ok(device) => device.hub_id,
+            Err(StoreError::NotFound(_)) => return None,
+            Err(error) => {
+                warn!(
+                    device,
+                    "cannot read the device of a presence message: {error}"
+                );
+                return None;
+            }
+        };
+        match self.hub_style(&hub_id).await {
+            Ok(actual) if actual == style => Some(hub_id),
+            Ok(_) => None,
+            Err(error) => {
+                warn!(device, "cannot read the hub of a presence message: {error}");
+                None
+            }
+        }
+    }
+
     /// The channel style of `hub_id`, cached for [`HUB_STYLE_TTL`].
     async fn hub_style(&self, hub_id: &str) -> Result<ChannelStyle, StoreError> {
         if let Some((style, read_at)) = self.hub_styles.lock().get(hub_id)
@@ -601,28 +625,12 @@ impl BusTask {
             debug!(topic = %message.topic, "ignoring a presence payload that is not online/offline");
             return;
         };
-        let hub_id = match self.shared.store.get_device(device).await {
-            Ok(device) => device.hub_id,
-            Err(StoreError::NotFound(_)) => return,
-            Err(error) => {
-                warn!(
-                    device,
-                    "cannot read the device of a presence message: {error}"
-                );
-                return;
-            }
+        let Some(hub_id) = self.shared.hub_of(device, ChannelStyle::Hub).await else {
+            return;
         };
         // Another hub's topic naming this device id is not this device speaking.
         if hub.is_some_and(|hub| hub != hub_id) {
             return;
-        }
-        match self.shared.hub_style(&hub_id).await {
-            Ok(ChannelStyle::Hub) => {}
-            Ok(ChannelStyle::Sgframework) => return,
-            Err(error) => {
-                warn!(device, "cannot read the hub of a presence message: {error}");
-                return;
-            }
         }
         self.report_presence(device, online, message.received_at)
             .await;
@@ -638,27 +646,15 @@ impl BusTask {
                 return;
             }
         };
-        let hub_id = match self.shared.store.get_device(device).await {
-            Ok(device) => device.hub_id,
-            Err(StoreError::NotFound(_)) => return,
-            Err(error) => {
-                warn!(
-                    device,
-                    "cannot read the device of a presence message: {error}"
-                );
-                return;
-            }
-        };
-        match self.shared.hub_style(&hub_id).await {
-            Ok(ChannelStyle::Sgframework) => {}
-            Ok(ChannelStyle::Hub) => return,
-            Err(error) => {
-                warn!(device, "cannot read the hub of a presence message: {error}");
-                return;
-            }
+        if self
+            .shared
+            .hub_of(device, ChannelStyle::Sgframework)
+            .await
+            .is_some()
+        {
+            self.report_presence(device, online, message.received_at)
+                .await;
         }
-        self.report_presence(device, online, message.received_at)
-            .await;
     }
 
     /// Records presence a device reported and tells the command service.
