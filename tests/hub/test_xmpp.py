@@ -8,11 +8,13 @@ Needs prosody (apt) and slixmpp (pip) — missing either fails the tests, it nev
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hub_harness import (
-    XMPP_DOMAIN, ApiError, Prosody, XmppDevice, command_in_state, require_slixmpp, restart,
-    wait_until, xmpp_polyglot_config,
+    XMPP_DOMAIN, ApiError, MqttClient, Prosody, XmppDevice, command_in_state, require_slixmpp,
+    restart, wait_until, xmpp_polyglot_config,
 )
 
 HUB_PASSWORD = "hub-secret"
@@ -200,3 +202,27 @@ def assert_refused(call, status: int, code: str) -> ApiError:
         call()
     assert (caught.value.status, caught.value.code) == (status, code), caught.value.message
     return caught.value
+
+
+def test_a_device_registered_on_the_register_channel_is_followed_at_once(prosody, hub_factory, devices):
+    """An XMPP device added through `/<hub>/register_cmd` (not the API) while polyhub is logged
+    in comes online and gets its commands without polyhub logging in again."""
+    hub_jid = prosody.register("hub", HUB_PASSWORD)
+    polyhub = hub_factory(xmpp_polyglot_config(prosody, hub_jid, HUB_PASSWORD))
+    api = polyhub.api
+    logged_in(polyhub)
+    api.add_group("g")
+    api.add_hub("h", "g")
+    device_jid = prosody.register("valve", DEVICE_PASSWORD)
+    control = MqttClient(polyhub.mqtt_port, "installer")
+    control.publish("/h/register_cmd", json.dumps({
+        "action": "add", "device": "v1", "protocol": "xmpp", "metadata": {"jid": device_jid},
+    }))
+    control.close()
+    wait_until(lambda: api.get("/devices/v1")["protocol"] == "xmpp", "v1 registered")
+    queued = api.post("/devices/v1/commands", {"name": "open"})
+
+    devices(prosody, device_jid, DEVICE_PASSWORD, hub_jid)
+    wait_online(api, "v1", True)
+    done = command_in_state(api, queued["id"], "acknowledged", "failed", "expired", "cancelled")
+    assert done["state"] == "acknowledged", done

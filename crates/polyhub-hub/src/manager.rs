@@ -56,6 +56,10 @@ pub struct ManagerDeps {
     pub presence: Option<mpsc::Receiver<PresenceEvent>>,
     /// How to spawn parsers of hubs in process isolation; without it such hubs fail to start.
     pub process_parser: Option<ProcessParserCommand>,
+    /// Told of every device added through a hub's register channel, for whoever else follows
+    /// the registry (the protocol clients of the command service; devices added through the
+    /// API reach them from the API's side).
+    pub registrations: Option<mpsc::UnboundedSender<Device>>,
 }
 
 /// State shared between the handles and the manager task.
@@ -126,6 +130,7 @@ impl HubManager {
             store: deps.store,
             bus: deps.bus,
             process_parser: deps.process_parser,
+            registrations: deps.registrations,
             shared: shared.clone(),
             supervisors: HashMap::new(),
             shutdown: shutdown.clone(),
@@ -266,6 +271,7 @@ struct ManagerCore {
     store: Arc<dyn Store>,
     bus: Arc<dyn BusConnector>,
     process_parser: Option<ProcessParserCommand>,
+    registrations: Option<mpsc::UnboundedSender<Device>>,
     shared: Arc<Shared>,
     supervisors: HashMap<String, SupervisorHandle>,
     shutdown: CancellationToken,
@@ -682,7 +688,13 @@ impl ManagerCore {
                     metadata,
                 };
                 match self.add_device(new).await {
-                    Ok(_) => Ok(()),
+                    Ok(device) => {
+                        if let Some(registrations) = &self.registrations {
+                            // Nobody listening any more only happens at shutdown.
+                            let _ = registrations.send(device);
+                        }
+                        Ok(())
+                    }
                     Err(HubError::Conflict(reason)) => Err((RejectCode::Conflict, reason)),
                     Err(HubError::Invalid(reason)) => Err((RejectCode::InvalidRequest, reason)),
                     Err(HubError::NotFound(reason)) => Err((RejectCode::UnknownHub, reason)),

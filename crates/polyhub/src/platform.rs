@@ -104,11 +104,13 @@ pub(crate) async fn start(
     } else {
         (None, None)
     };
+    let (registrations, mut registered) = mpsc::unbounded_channel();
     let deps = ManagerDeps {
         store: store.clone(),
         bus: bus.clone(),
         presence: hub_presence,
         process_parser: Some(process_parser_command(config, &child)?),
+        registrations: Some(registrations),
     };
     let (manager, manager_task) = HubManager::start(config.hub.clone(), deps, shutdown.clone())
         .await
@@ -163,6 +165,16 @@ pub(crate) async fn start(
             }
         });
     }
+    // Devices added through a hub's register channel: their protocol clients follow them at
+    // once, as for devices added through the API (ManagerRuntime::device_added).
+    let registered_commands = commands.clone();
+    tokio::spawn(async move {
+        while let Some(device) = registered.recv().await {
+            if let Err(error) = registered_commands.device_added(&device).await {
+                warn!(device = %device.id, "protocol client not told about the new device: {error}");
+            }
+        }
+    });
 
     let router = polyhub_api::router_with_config(
         ApiState {

@@ -24,7 +24,7 @@ async fn running_hub() -> Fixture {
 
 #[tokio::test]
 async fn an_accepted_add_replies_after_the_parser_subscribed() {
-    let hub = running_hub().await;
+    let mut hub = running_hub().await;
     assert!(
         hub.bus
             .subscriptions("polyhub-hub-manager")
@@ -48,6 +48,15 @@ async fn an_accepted_add_replies_after_the_parser_subscribed() {
     assert_eq!(replies[0].qos, 1);
     assert!(!replies[0].retain);
     assert_eq!(hub.store.get_device("d2").await.unwrap().name, "Boiler");
+    // Announced to whoever follows registrations (the command service's protocol clients).
+    let announced = hub
+        .registered
+        .try_recv()
+        .expect("the new device is announced");
+    assert_eq!(
+        (announced.id.as_str(), announced.name.as_str()),
+        ("d2", "Boiler")
+    );
     wait_until("status counts the device", || {
         hub.manager.status("h1").unwrap().devices == 2
     })

@@ -76,6 +76,7 @@ async fn sqlite_ingest_is_exact_across_a_crash_between_commit_and_ack() {
         bus: Arc::new(bus.clone()),
         presence: Some(presence_events),
         process_parser: None,
+        registrations: None,
     };
     let (manager, task) = HubManager::start(fast_config(), deps, shutdown.clone())
         .await

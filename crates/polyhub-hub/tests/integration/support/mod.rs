@@ -88,6 +88,8 @@ pub(crate) struct Fixture {
     pub(crate) manager: HubManager,
     pub(crate) task: JoinHandle<()>,
     pub(crate) shutdown: CancellationToken,
+    /// Devices the manager announced as added through a register channel.
+    pub(crate) registered: mpsc::UnboundedReceiver<polyhub_store::Device>,
 }
 
 impl Fixture {
@@ -103,11 +105,13 @@ impl Fixture {
         process_parser: Option<ProcessParserCommand>,
     ) -> Fixture {
         let shutdown = CancellationToken::new();
+        let (registrations, registered) = mpsc::unbounded_channel();
         let deps = ManagerDeps {
             store: store.clone(),
             bus: Arc::new(bus.clone()),
             presence,
             process_parser,
+            registrations: Some(registrations),
         };
         let (manager, task) = HubManager::start(config, deps, shutdown.clone())
             .await
@@ -118,6 +122,7 @@ impl Fixture {
             manager,
             task,
             shutdown,
+            registered,
         }
     }
 
