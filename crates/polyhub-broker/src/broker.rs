@@ -459,6 +459,7 @@ impl Broker {
                     client_id.to_owned(),
                     max_queued,
                     VecDeque::new(),
+                    &self.shared.config,
                 ));
                 if let Some(acks) = session.state.lock().local.as_deref_mut() {
                     acks.attached = true;

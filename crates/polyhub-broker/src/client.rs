@@ -45,6 +45,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// waits in the session queue (where the queue bound applies).
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
+/// Longest a publisher is paused for a backed-up lossless session before it is read again (it
+/// pauses again at its next message into that session): backpressure, never a deadlock.
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
 /// Deliveries taken from the session queue per lock.
 const FILL_BATCH: usize = 64;
 
@@ -236,6 +240,8 @@ enum Event {
     IoError(std::io::Error),
     Queued,
     KeepAlive,
+    /// The backed-up session this client was paused for drained (or the pause ran out).
+    Resumed,
 }
 
 /// Packet counters, added to the shared stats once per loop turn.
@@ -281,6 +287,10 @@ struct Client<S> {
     /// Whether this connection was announced online (so its end is announced offline).
     announced_online: bool,
     counters: Counters,
+    /// A lossless session this client published into that is backed up: reading pauses until
+    /// it drains or `paused_until`.
+    backlog: Option<Arc<Session>>,
+    paused_until: Instant,
 }
 
 /// Outcome of looking up the session for a CONNECT.
@@ -485,6 +495,8 @@ where
                     .any(|(name, value)| name == STAMP_SEQ_PROPERTY && value == "1"),
             announced_online: false,
             counters: Counters::default(),
+            backlog: None,
+            paused_until: Instant::now(),
             shared,
         };
 
@@ -561,15 +573,31 @@ where
             // At the high-water mark `fill` moved nothing: the wait must end when the write
             // buffer drains, or deliveries queued meanwhile would wait for the next wake-up.
             let report_drained = self.more_queued || self.conn.pending_write() >= WRITE_HIGH_WATER;
-            let event = tokio::select! {
-                biased;
-                result = self.conn.io(report_drained) => match result {
-                    Ok(event) => Event::Io(event),
-                    Err(error) => Event::IoError(error),
-                },
-                // Always listened to, even with a full write buffer: it also signals takeover.
-                () = self.session.notify.notified() => Event::Queued,
-                () = keep_alive_timer.as_mut(), if self.keep_alive.is_some() => Event::KeepAlive,
+            let event = if let Some(backlog) = self.paused_for() {
+                // Backpressure: only writes and takeover are served; the client's packets wait
+                // in the socket, and with them the client, as TCP makes it.
+                tokio::select! {
+                    biased;
+                    result = self.conn.flush(), if self.conn.pending_write() > 0 => match result {
+                        Ok(()) => Event::Io(IoEvent::Drained),
+                        Err(error) => Event::IoError(error),
+                    },
+                    () = self.session.notify.notified() => Event::Queued,
+                    () = backlog.drained() => Event::Resumed,
+                    () = sleep_until(self.paused_until) => Event::Resumed,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    result = self.conn.io(report_drained) => match result {
+                        Ok(event) => Event::Io(event),
+                        Err(error) => Event::IoError(error),
+                    },
+                    // Always listened to, even with a full write buffer: it also signals
+                    // takeover.
+                    () = self.session.notify.notified() => Event::Queued,
+                    () = keep_alive_timer.as_mut(), if self.keep_alive.is_some() => Event::KeepAlive,
+                }
             };
             match event {
                 Event::Io(IoEvent::Read(_)) => {
@@ -578,6 +606,15 @@ where
                     }
                 }
                 Event::Io(IoEvent::Drained) => {}
+                Event::Resumed => {
+                    self.backlog = None;
+                    // Whatever it sent meanwhile is read now; the pause was ours, not its
+                    // silence.
+                    self.last_packet = Instant::now();
+                    keep_alive_timer
+                        .as_mut()
+                        .reset(self.last_packet + self.keep_alive.unwrap_or_default());
+                }
                 Event::Queued => {
                     // We were woken by a publisher's task and would otherwise run right after
                     // it (before other ready sockets are polled), writing one message per
@@ -598,6 +635,16 @@ where
                 }
             }
         }
+    }
+
+    /// The backed-up session this client is paused for, if it still is.
+    fn paused_for(&mut self) -> Option<Arc<Session>> {
+        let backlog = self.backlog.as_ref()?;
+        if backlog.is_backed_up() && Instant::now() < self.paused_until {
+            return Some(Arc::clone(backlog));
+        }
+        self.backlog = None;
+        None
     }
 
     /// Decode and handle every complete packet in the read buffer.
@@ -672,14 +719,11 @@ where
         let packet_id = publish.packet_id;
         match publish.qos {
             QoS::AtMostOnce => {
-                self.shared
-                    .publish(Message::from_publish(publish, self.session.id));
+                self.route(publish);
                 Ok(())
             }
             QoS::AtLeastOnce => {
-                let matched = self
-                    .shared
-                    .publish(Message::from_publish(publish, self.session.id));
+                let matched = self.route(publish);
                 self.send(&Packet::PubAck(self.publish_response(packet_id, matched)))
             }
             QoS::ExactlyOnce => {
@@ -698,12 +742,29 @@ where
                     }
                     state.awaiting_release.push(packet_id);
                 }
-                let matched = self
-                    .shared
-                    .publish(Message::from_publish(publish, self.session.id));
+                let matched = self.route(publish);
                 self.send(&Packet::PubRec(self.publish_response(packet_id, matched)))
             }
         }
+    }
+
+    /// Routes a received message; returns how many sessions it matched. When one of them is a
+    /// lossless session past its high water, this connection pauses reading (see `run`).
+    fn route(&mut self, publish: &mut Publish) -> usize {
+        let mut backed_up = None;
+        let matched = self.shared.publish_noting_backlog(
+            Message::from_publish(publish, self.session.id),
+            &mut backed_up,
+        );
+        // Never paused by its own session: it is the one that would drain it.
+        if let Some(session) = backed_up
+            && !Arc::ptr_eq(&session, &self.session)
+            && self.backlog.is_none()
+        {
+            self.backlog = Some(session);
+            self.paused_until = Instant::now() + MAX_PAUSE;
+        }
+        matched
     }
 
     /// PUBACK/PUBREC for a routed message: MQTT 5 says when nobody matched.
@@ -956,6 +1017,7 @@ where
                     };
                     batch.push((delivery, packet_id));
                 }
+                self.session.taken(state.queue.len());
                 batch.len() == FILL_BATCH && !state.queue.is_empty()
             };
             if batch.is_empty() {

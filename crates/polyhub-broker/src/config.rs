@@ -133,6 +133,11 @@ pub struct BrokerConfig {
     pub max_session_expiry: Option<u32>,
     /// Seconds between `$SYS/broker/...` updates; 0 turns them off.
     pub sys_interval: u64,
+    /// Backpressure for the sessions that never drop (hub parsers'): once one holds this many
+    /// queued messages, a network client publishing into it is not read from (its socket fills
+    /// and it waits, as TCP makes it) until the queue is back to half of this, or for at most
+    /// a few seconds at a time. 0 turns it off (those queues then grow without bound).
+    pub lossless_queue_high_water: usize,
 }
 
 impl Default for BrokerConfig {
@@ -149,6 +154,7 @@ impl Default for BrokerConfig {
             topic_alias_maximum: 64,
             max_session_expiry: None,
             sys_interval: 10,
+            lossless_queue_high_water: 10_000,
         }
     }
 }

@@ -284,6 +284,7 @@ impl LocalClient {
         }
         loop {
             let delivery = state.queue.pop_front()?;
+            self.session.taken(state.queue.len());
             if delivery.message.is_expired(now) {
                 continue;
             }

@@ -35,7 +35,17 @@ struct Target {
 impl Shared {
     /// Route `message`: give it its sequence number, store or clear it as retained, then queue
     /// it for every matching session. Returns how many sessions it matched.
-    pub(crate) fn publish(&self, mut message: Message) -> usize {
+    pub(crate) fn publish(&self, message: Message) -> usize {
+        self.publish_noting_backlog(message, &mut None)
+    }
+
+    /// [`Shared::publish`], also setting `backed_up` to a matched session whose publishers
+    /// should pause (see [`Session::is_backed_up`]).
+    pub(crate) fn publish_noting_backlog(
+        &self,
+        mut message: Message,
+        backed_up: &mut Option<Arc<Session>>,
+    ) -> usize {
         message.seq = self.next_seq();
         let message = Arc::new(message);
         if message.retain {
@@ -56,26 +66,27 @@ impl Shared {
         // The last target takes the message without an extra reference count round trip.
         let last = targets.pop();
         for target in targets.drain(..) {
-            self.deliver(target, Arc::clone(&message));
+            self.deliver(target, Arc::clone(&message), backed_up);
         }
         if let Some(target) = last {
-            self.deliver(target, message);
+            self.deliver(target, message, backed_up);
         }
         let _ = TARGET_SCRATCH.try_with(|scratch| scratch.set(targets));
         matched
     }
 
-    fn deliver(&self, target: Target, message: Arc<Message>) {
+    fn deliver(&self, target: Target, message: Arc<Message>, backed_up: &mut Option<Arc<Session>>) {
         let delivery = Delivery {
             message,
             qos: target.qos,
             retain: target.retain,
             subscription_ids: target.subscription_ids,
         };
-        target
-            .session
-            .0
-            .enqueue(delivery, &self.config, &self.stats);
+        let session = target.session.0;
+        session.enqueue(delivery, &self.config, &self.stats);
+        if session.is_backed_up() {
+            *backed_up = Some(session);
+        }
     }
 
     /// Matching sessions with the highest QoS of their matching subscriptions, every matching
@@ -177,6 +188,7 @@ impl Shared {
             let mut state = session.state.lock();
             state.queue.clear();
             state.inflight.clear();
+            session.taken(0);
             (
                 std::mem::take(&mut state.subscriptions),
                 state.pending_will.take(),

@@ -64,6 +64,20 @@ pub(crate) struct Session {
     pub(crate) owner: Arc<Semaphore>,
     /// What only the connection knows and a snapshot needs (see [`PersistenceInfo`]).
     pub(crate) persistence: Mutex<PersistenceInfo>,
+    /// For sessions that never drop: when publishers into it are paused (`None` for others, so
+    /// an ordinary session pays one pointer).
+    backpressure: Option<Box<Backpressure>>,
+}
+
+/// A lossless session's high-water mark and who waits for it to drain.
+#[derive(Debug)]
+pub(crate) struct Backpressure {
+    high_water: usize,
+    low_water: usize,
+    /// Set when the queue reached `high_water`, cleared when it is back at `low_water`.
+    over: AtomicBool,
+    /// Wakes paused publishers when `over` is cleared.
+    drained: Notify,
 }
 
 /// What a snapshot needs to know about a session beyond its state: reported by its connection
@@ -236,19 +250,71 @@ impl Session {
             notify: Notify::new(),
             owner: Arc::new(Semaphore::new(1)),
             persistence: Mutex::new(PersistenceInfo::default()),
+            backpressure: None,
+        }
+    }
+
+    /// Marks a session that never drops as one whose publishers are paused above `high_water`
+    /// queued messages (0: never).
+    pub(crate) fn with_backpressure(mut self, high_water: usize) -> Session {
+        if high_water > 0 {
+            self.backpressure = Some(Box::new(Backpressure {
+                high_water,
+                low_water: high_water / 2,
+                over: AtomicBool::new(false),
+                drained: Notify::new(),
+            }));
+        }
+        self
+    }
+
+    /// Whether publishers into this session should pause: its queue is past its high water
+    /// and its client is there to drain it (while it is away, the queue simply grows).
+    pub(crate) fn is_backed_up(&self) -> bool {
+        self.backpressure
+            .as_ref()
+            .is_some_and(|backpressure| backpressure.over.load(Ordering::Acquire))
+            && self.is_online()
+    }
+
+    /// Resolves once this session is no longer backed up (at once if it is not).
+    pub(crate) async fn drained(&self) {
+        let Some(backpressure) = &self.backpressure else {
+            return;
+        };
+        let notified = backpressure.drained.notified();
+        if !backpressure.over.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+
+    /// After messages were taken from the queue, which now holds `queued`: wakes paused
+    /// publishers once it is down to the low-water mark.
+    pub(crate) fn taken(&self, queued: usize) {
+        if let Some(backpressure) = &self.backpressure
+            && queued <= backpressure.low_water
+            && backpressure.over.swap(false, Ordering::AcqRel)
+        {
+            backpressure.drained.notify_waiters();
         }
     }
 
     /// The persistent session of an in-process client, not attached yet: it queues like an
     /// offline session until a [`LocalClient`](crate::LocalClient) attaches, and `pending` is
-    /// handed out first, marked redelivered.
+    /// handed out first, marked redelivered. Unbounded (`max_queued` 0), it never drops, and
+    /// its publishers are paused above `config.lossless_queue_high_water` instead.
     pub(crate) fn new_local_persistent(
         id: u64,
         client_id: String,
         max_queued: usize,
         pending: VecDeque<Delivery>,
+        config: &BrokerConfig,
     ) -> Session {
-        let session = Session::new(id, client_id, SessionKind::Local, max_queued);
+        let mut session = Session::new(id, client_id, SessionKind::Local, max_queued);
+        if max_queued == 0 {
+            session = session.with_backpressure(config.lossless_queue_high_water);
+        }
         session.online.store(false, Ordering::Release);
         session.state.lock().local = Some(Box::new(LocalAcks::with_redeliveries(pending)));
         session
@@ -379,6 +445,11 @@ impl Session {
             }
             was_empty = state.queue.is_empty();
             state.queue.push_back(delivery);
+            if let Some(backpressure) = &self.backpressure
+                && state.queue.len() >= backpressure.high_water
+            {
+                backpressure.over.store(true, Ordering::Release);
+            }
         }
         if was_empty {
             self.notify.notify_one();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Client, DataDir, TestBroker, bounded, config, connect, start};
 use polyhub_broker::persist;
 use polyhub_broker::{BrokerError, LocalClient, LocalMessage};
-use polyhub_mqtt::{ProtocolVersion, QoS, ReasonCode};
+use polyhub_mqtt::{Packet, ProtocolVersion, QoS, ReasonCode};
 
 /// Save `broker`'s state to `dir` WITHOUT shutting it down first (as an autosave before a
 /// crash would), then start a second broker from the file.
@@ -365,6 +365,91 @@ async fn a_session_moves_between_in_process_and_network_clients() {
         parser.ack(&[last.token]);
         nothing(&mut parser).await;
         drop((parser, device));
+        broker.stop().await;
+    })
+    .await;
+}
+
+/// Backpressure: a publisher into a lossless session that is past its high water is no longer
+/// read from (so its acknowledgements stop coming) while everyone else is served; once the
+/// session's client drains it, the publisher goes on and nothing is lost.
+#[tokio::test]
+async fn publishers_into_a_backed_up_lossless_session_wait_and_lose_nothing() {
+    bounded(async {
+        let high_water = 100;
+        let broker = start(polyhub_broker::BrokerConfig {
+            lossless_queue_high_water: high_water,
+            ..config()
+        })
+        .await;
+        let mut parser = broker
+            .broker
+            .local_client_persistent("polyhub-parser-h1", 0)
+            .unwrap();
+        parser
+            .subscribe("/h1/+/data", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+
+        // Far more than the high water and than one read of the socket, without waiting.
+        let total: u16 = 3000;
+        let payload = [b'x'; 200];
+        let mut device = broker.client(ProtocolVersion::V311, "d1").await;
+        for packet_id in 1..=total {
+            device
+                .send(&Packet::Publish(common::publish(
+                    "/h1/d1/data",
+                    &payload,
+                    QoS::AtLeastOnce,
+                    false,
+                    packet_id,
+                )))
+                .await;
+        }
+        let mut acked = 0usize;
+        while let Some(packet) = device.try_recv(Duration::from_millis(300)).await {
+            assert!(matches!(packet, Packet::PubAck(_)), "{packet:?}");
+            acked += 1;
+        }
+        assert!(
+            acked >= high_water && acked < usize::from(total) / 2,
+            "{acked} of {total} acknowledged while the session is backed up"
+        );
+
+        // Everyone else is served meanwhile.
+        let mut watcher = broker.client(ProtocolVersion::V311, "watcher").await;
+        watcher.subscribe("other/#", QoS::AtLeastOnce).await;
+        let mut other = broker.client(ProtocolVersion::V311, "other").await;
+        other
+            .publish_packet(common::publish(
+                "other/x",
+                b"hi",
+                QoS::AtLeastOnce,
+                false,
+                1,
+            ))
+            .await;
+        assert_eq!(&watcher.recv_publish_acked().await.payload[..], b"hi");
+
+        // The parser drains: the device is read again, to the last message, in order.
+        for expected in 1..=usize::from(total) {
+            let message = next(&mut parser).await;
+            assert_eq!(message.payload.len(), payload.len(), "message {expected}");
+            parser.ack(&[message.token]);
+            if expected % 500 == 0 {
+                while let Some(packet) = device.try_recv(Duration::from_millis(1)).await {
+                    assert!(matches!(packet, Packet::PubAck(_)), "{packet:?}");
+                    acked += 1;
+                }
+            }
+        }
+        while acked < usize::from(total) {
+            match device.try_recv(Duration::from_secs(2)).await {
+                Some(Packet::PubAck(_)) => acked += 1,
+                other => panic!("after {acked} acknowledgements: {other:?}"),
+            }
+        }
+        nothing(&mut parser).await;
         broker.stop().await;
     })
     .await;

@@ -487,6 +487,7 @@ fn restore_local(
             stored.client_id.clone(),
             local.max_queued as usize,
             pending,
+            &shared.config,
         ));
         sessions.insert(stored.client_id.clone(), Arc::clone(&session));
         session
