@@ -2,11 +2,23 @@
 //! the device answers, expired when its TTL passes, recovered after a restart.
 //!
 //! [`CommandService`] is a cheap handle; one task (the dispatcher) owns the lifecycle. Every
-//! state change after creation happens in that task, which is what makes "send, then record
+//! state change after creation is decided in that task, which is what makes "send, then record
 //! `sent`" safe: no reply, cancel or expiry can be handled in between. Submissions are stored
 //! by the caller's task (so a slow store write does not hold up the dispatcher) under a
 //! per-device lock that also covers handing the command to the dispatcher, so the dispatcher
 //! learns of one device's commands in `seq` order.
+//!
+//! Recording: the dispatcher does not wait for the store. It applies a change to its memory at
+//! once and hands the change to a second task (the recorder), which writes it: one command's
+//! changes strictly in the order decided (the next starts once the previous is stored), the
+//! changes of different commands concurrently, so that the store can commit them together
+//! (the SQLite store's group commit). A waiter ([`CommandService::wait`]) is told of a final
+//! state only once it is stored, so an API answer `acknowledged` is never undone by a restart.
+//! Where the store disagrees (a change refused because another process moved the command, a
+//! command deleted with its device, a final change that failed), the recorder tells the
+//! dispatcher, which corrects its memory. Without this, every command cost the dispatcher
+//! three commits in a row (sent, delivered, acknowledged), which capped a device fleet's
+//! commands at what one disk sync after another allows.
 //!
 //! What the dispatcher keeps in memory is the unfinished commands only: per device, those
 //! waiting to be sent (`pending`, by `seq`) and those sent and awaiting an answer
@@ -16,7 +28,7 @@
 //! Time: the service reads wall-clock milliseconds through a clock anchored on tokio's
 //! `Instant`, so that expiry follows tokio's (pausable) time in tests.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +40,7 @@ use polyhub_store::{
     now_millis,
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -152,14 +164,37 @@ impl Clock {
     }
 }
 
-/// Callers of [`CommandService::wait`], by command id; the dispatcher completes them when the
-/// command reaches a final state.
+/// Callers of [`CommandService::wait`], by command id; the recorder completes them once the
+/// command's final state is stored.
 #[derive(Debug, Default)]
 struct Waiters {
     by_command: Mutex<HashMap<String, Vec<oneshot::Sender<Command>>>>,
+    /// Commands submitted through this service and not final yet. A waiter of one of these
+    /// needs no store read to learn it is unfinished: it is certain to be completed (the id
+    /// leaves this set before its waiters are completed, so a waiter that registers later
+    /// sees it gone and reads the store instead).
+    live: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Waiters {
+    fn start_live(&self, id: &str) {
+        self.live.lock().insert(id.to_owned());
+    }
+
+    fn is_live(&self, id: &str) -> bool {
+        self.live.lock().contains(id)
+    }
+
+    fn end_live(&self, id: &str) {
+        self.live.lock().remove(id);
+    }
+
+    /// The command is final and stored: its waiters hear it.
+    fn finished(&self, command: &Command) {
+        self.end_live(&command.id);
+        self.complete(command);
+    }
+
     fn register(&self, id: &str) -> oneshot::Receiver<Command> {
         let (sender, receiver) = oneshot::channel();
         self.by_command
@@ -262,18 +297,35 @@ impl CommandService {
         let (requests, request_receiver) = mpsc::channel(REQUEST_QUEUE);
         let clock = Clock::start();
         let waiters = Arc::new(Waiters::default());
+        let (records, record_receiver) = mpsc::unbounded_channel();
+        let (corrections, correction_receiver) = mpsc::unbounded_channel();
+        let recorder = Recorder {
+            store: store.clone(),
+            waiters: waiters.clone(),
+            corrections,
+            queued: HashMap::new(),
+            running: JoinSet::new(),
+            running_ids: HashMap::new(),
+        };
+        let recorder = tokio::spawn(recorder.run(record_receiver));
         let dispatcher = Dispatcher {
             store: store.clone(),
             polyglot: polyglot.clone(),
             config: config.clone(),
             clock,
-            waiters: waiters.clone(),
+            records,
             devices: HashMap::new(),
             index: HashMap::new(),
             expiries: BTreeSet::new(),
             blocked: BTreeSet::new(),
         };
-        let task = tokio::spawn(dispatcher.run(request_receiver, events, shutdown));
+        let task = tokio::spawn(dispatcher.run(
+            request_receiver,
+            events,
+            correction_receiver,
+            recorder,
+            shutdown,
+        ));
         let shared = Shared {
             store,
             polyglot,
@@ -330,12 +382,21 @@ impl CommandService {
                 device.protocol
             )));
         }
-        let stored_online = match shared.store.get_presence(device_id).await {
-            Ok(presence) => presence.online,
-            Err(err) => {
-                tracing::debug!(device = device_id, error = %err, "no stored presence");
-                false
-            }
+        // The client's view wins over the stored one anyway (see `is_online`): read the
+        // store only for a client that does not know.
+        let client_view = shared
+            .polyglot
+            .client(&device.protocol)
+            .and_then(|client| client.is_online(device_id));
+        let stored_online = match client_view {
+            Some(online) => online,
+            None => match shared.store.get_presence(device_id).await {
+                Ok(presence) => presence.online,
+                Err(err) => {
+                    tracing::debug!(device = device_id, error = %err, "no stored presence");
+                    false
+                }
+            },
         };
 
         let _order = shared.submit_locks[self.lock_shard(device_id)].lock().await;
@@ -356,12 +417,14 @@ impl CommandService {
             })
             .await?;
         count_transition(&command.protocol, CommandState::Queued);
+        shared.waiters.start_live(&command.id);
         let submitted = Request::Submitted {
             command: Box::new(command.clone()),
             device: Box::new(device),
             stored_online,
         };
         if shared.requests.send(submitted).await.is_err() {
+            shared.waiters.end_live(&command.id);
             // Stored all the same: the next start sends it.
             tracing::warn!(command = %command.id, "command service stopped; the command stays queued");
         }
@@ -386,9 +449,11 @@ impl CommandService {
         };
         // Registered before reading, so a change landing in between is not missed.
         let settled = shared.waiters.register(id);
-        let current = shared.store.get_command(id).await?;
-        if current.state.is_final() {
-            return Ok(current);
+        if !shared.waiters.is_live(id) {
+            let current = shared.store.get_command(id).await?;
+            if current.state.is_final() {
+                return Ok(current);
+            }
         }
         match tokio::time::timeout(timeout, settled).await {
             Ok(Ok(command)) => Ok(command),
@@ -522,13 +587,190 @@ impl DeviceSlot {
     }
 }
 
+/// A state change the dispatcher decided, on its way to the store.
+#[derive(Debug)]
+struct Record {
+    /// The command as the dispatcher held it before the change (`None`: not in memory).
+    before: Option<Command>,
+    change: CommandTransition,
+    /// Who waits for the stored outcome (a cancel request).
+    reply: Option<oneshot::Sender<Result<Command, CommandError>>>,
+}
+
+/// What the recorder tells the dispatcher where the store disagreed with its memory.
+#[derive(Debug)]
+enum Correction {
+    /// The command is stored differently (another process moved it): adopt the stored one.
+    Adopt(Command),
+    /// The command is not stored any more (deleted with its device): forget it.
+    Forget(String),
+    /// A final change could not be stored: track the command again as it was before.
+    Retrack(Command),
+}
+
+/// A finished store write: the record, what the store answered, and (after a refusal) the
+/// command as stored.
+type Written = (Record, Result<Command, StoreError>, Option<Command>);
+
+/// The task that writes the dispatcher's changes (see the module docs).
+struct Recorder {
+    store: Arc<dyn Store>,
+    waiters: Arc<Waiters>,
+    corrections: mpsc::UnboundedSender<Correction>,
+    /// Commands with a write under way, each with the changes waiting behind that write.
+    queued: HashMap<String, VecDeque<Record>>,
+    running: JoinSet<Written>,
+    /// Which command each running write is for (to move on even if a write task panicked).
+    running_ids: HashMap<tokio::task::Id, String>,
+}
+
+impl Recorder {
+    /// Runs until the dispatcher has gone and every change it handed over is written.
+    async fn run(mut self, mut records: mpsc::UnboundedReceiver<Record>) {
+        let mut open = true;
+        loop {
+            tokio::select! {
+                record = records.recv(), if open => match record {
+                    Some(record) => self.enqueue(record),
+                    None => open = false,
+                },
+                Some(written) = self.running.join_next_with_id() => match written {
+                    Ok((task, written)) => {
+                        let id = self.running_ids.remove(&task);
+                        self.finish(written);
+                        if let Some(id) = id {
+                            self.next_of(&id);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "a command store write did not finish");
+                        if let Some(id) = self.running_ids.remove(&error.id()) {
+                            self.next_of(&id);
+                        }
+                    }
+                },
+                else => break,
+            }
+        }
+    }
+
+    fn enqueue(&mut self, record: Record) {
+        match self.queued.get_mut(&record.change.id) {
+            Some(waiting) => waiting.push_back(record),
+            None => {
+                self.queued
+                    .insert(record.change.id.clone(), VecDeque::new());
+                self.start(record);
+            }
+        }
+    }
+
+    fn start(&mut self, record: Record) {
+        let store = self.store.clone();
+        let id = record.change.id.clone();
+        let task = self.running.spawn(async move {
+            let result = store.transition_command(record.change.clone()).await;
+            let stored = match &result {
+                Err(StoreError::Conflict(_)) => store.get_command(&record.change.id).await.ok(),
+                _ => None,
+            };
+            (record, result, stored)
+        });
+        self.running_ids.insert(task.id(), id);
+    }
+
+    /// Starts the next change of command `id`, if one is waiting.
+    fn next_of(&mut self, id: &str) {
+        let next = self
+            .queued
+            .get_mut(id)
+            .and_then(|waiting| waiting.pop_front());
+        match next {
+            Some(record) => self.start(record),
+            None => {
+                self.queued.remove(id);
+            }
+        }
+    }
+
+    fn finish(&mut self, (record, result, stored): Written) {
+        let Record {
+            before,
+            change,
+            reply,
+        } = record;
+        let outcome = match result {
+            Ok(command) => {
+                if before
+                    .as_ref()
+                    .is_none_or(|before| before.state != command.state)
+                {
+                    count_transition(&command.protocol, command.state);
+                }
+                if command.state.is_final() {
+                    self.waiters.finished(&command);
+                }
+                if command.state == CommandState::Acknowledged {
+                    let roundtrip = command
+                        .acknowledged_at
+                        .unwrap_or(change.at)
+                        .saturating_sub(command.created_at)
+                        .max(0);
+                    metrics::histogram!(
+                        "polyhub_command_roundtrip_seconds",
+                        "protocol" => command.protocol.clone()
+                    )
+                    .record(roundtrip as f64 / 1000.0);
+                }
+                Ok(command)
+            }
+            Err(StoreError::Conflict(message)) => {
+                // Moved by someone else (another process on the same store): adopt it.
+                tracing::debug!(command = %change.id, %message, "transition refused");
+                if let Some(stored) = stored {
+                    if stored.state.is_final() {
+                        self.waiters.finished(&stored);
+                    }
+                    self.correct(Correction::Adopt(stored));
+                }
+                Err(CommandError::Conflict(message))
+            }
+            Err(StoreError::NotFound(message)) => {
+                self.waiters.end_live(&change.id);
+                self.correct(Correction::Forget(change.id.clone()));
+                Err(CommandError::NotFound(message))
+            }
+            Err(err) => {
+                tracing::warn!(command = %change.id, to = state_label(change.to), error = %err, "cannot record a command transition");
+                // A final change that did not land must not leave the command untracked
+                // (memory already let it go); a lost intermediate step changes nothing.
+                if change.to.is_final()
+                    && let Some(before) = before
+                {
+                    self.correct(Correction::Retrack(before));
+                }
+                Err(err.into())
+            }
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    fn correct(&self, correction: Correction) {
+        // The dispatcher is gone only at shutdown, when memory no longer matters.
+        let _ = self.corrections.send(correction);
+    }
+}
+
 /// The task that owns the lifecycle.
 struct Dispatcher {
     store: Arc<dyn Store>,
     polyglot: Polyglot,
     config: CommandConfig,
     clock: Clock,
-    waiters: Arc<Waiters>,
+    /// To the recorder: every change, in the order decided.
+    records: mpsc::UnboundedSender<Record>,
     devices: HashMap<String, DeviceSlot>,
     /// Where each unfinished command is kept: id → (device, seq).
     index: HashMap<String, (String, i64)>,
@@ -543,6 +785,8 @@ impl Dispatcher {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut events: mpsc::Receiver<BackendEvent>,
+        mut corrections: mpsc::UnboundedReceiver<Correction>,
+        recorder: JoinHandle<()>,
         shutdown: CancellationToken,
     ) {
         self.recover().await;
@@ -563,10 +807,35 @@ impl Dispatcher {
                     // Every client is gone; requests and expiry still work.
                     None => events_open = false,
                 },
+                Some(correction) = corrections.recv() => self.correct(correction),
                 _ = ticks.tick() => self.on_tick().await,
             }
         }
+        // The recorder ends once every change handed to it is written.
+        drop(self);
+        if let Err(error) = recorder.await {
+            tracing::error!(%error, "the command recorder failed");
+        }
         tracing::debug!("command dispatcher stopped");
+    }
+
+    fn correct(&mut self, correction: Correction) {
+        match correction {
+            Correction::Adopt(stored) => self.mirror(stored),
+            Correction::Forget(id) => self.forget(&id),
+            Correction::Retrack(command) => {
+                if self.tracked(&command.id).is_none() {
+                    let device_id = command.device_id.clone();
+                    let unsent = command.state == CommandState::Queued;
+                    self.track_pending(command.clone());
+                    if !unsent && let Some(slot) = self.devices.get_mut(&device_id) {
+                        // It went out already: wait for its answer, do not send it again.
+                        slot.pending.remove(&command.seq);
+                        slot.inflight.insert(command.seq, command);
+                    }
+                }
+            }
+        }
     }
 
     /// Reloads what was unfinished when polyhub stopped.
@@ -622,10 +891,7 @@ impl Dispatcher {
                 self.track_pending(*command);
                 self.dispatch(&device_id).await;
             }
-            Request::Cancel { id, reply } => {
-                let outcome = self.cancel(&id).await;
-                let _ = reply.send(outcome);
-            }
+            Request::Cancel { id, reply } => self.cancel(id, reply),
             Request::Presence { device_id, online } => {
                 self.presence_changed(&device_id, online).await;
             }
@@ -668,7 +934,7 @@ impl Dispatcher {
                         CommandState::Delivered,
                         self.clock.now(),
                     );
-                    self.apply(&command, change).await;
+                    self.record(&command, change, None);
                 }
             }
             BackendEvent::Reply {
@@ -704,20 +970,7 @@ impl Dispatcher {
                     change
                 };
                 change.reply = reply;
-                if let Some(acknowledged) = self.apply(&command, change).await
-                    && acknowledged.state == CommandState::Acknowledged
-                {
-                    let roundtrip = acknowledged
-                        .acknowledged_at
-                        .unwrap_or_else(|| self.clock.now())
-                        .saturating_sub(acknowledged.created_at)
-                        .max(0);
-                    metrics::histogram!(
-                        "polyhub_command_roundtrip_seconds",
-                        "protocol" => acknowledged.protocol.clone()
-                    )
-                    .record(roundtrip as f64 / 1000.0);
-                }
+                self.record(&command, change, None);
             }
         }
     }
@@ -853,7 +1106,7 @@ impl Dispatcher {
                 } else {
                     "expired before the device acknowledged it".to_owned()
                 });
-                self.apply(&command, change).await;
+                self.record(&command, change, None);
             }
         }
         // A safety net for presence nobody forwarded: a client that knows its devices'
@@ -895,26 +1148,28 @@ impl Dispatcher {
         }
     }
 
-    async fn cancel(&mut self, id: &str) -> Result<Command, CommandError> {
-        let command = match self.tracked(id) {
-            Some(command) => command.clone(),
-            // Not in memory: finished, unknown, or stored by another process. The store
-            // answers which (and cancels it in the last case).
-            None => self.store.get_command(id).await?,
+    /// Cancels through the recorder, which answers `reply` once the store has decided.
+    fn cancel(&mut self, id: String, reply: oneshot::Sender<Result<Command, CommandError>>) {
+        let change = CommandTransition {
+            id,
+            from: UNFINISHED.to_vec(),
+            to: CommandState::Cancelled,
+            at: self.clock.now(),
+            reason: Some("cancelled".to_owned()),
+            reply: None,
         };
-        let mut change = transition(
-            &command,
-            &UNFINISHED,
-            CommandState::Cancelled,
-            self.clock.now(),
-        );
-        change.reason = Some("cancelled".to_owned());
-        match self.store.transition_command(change).await {
-            Ok(cancelled) => {
-                self.settled(&command, cancelled.clone());
-                Ok(cancelled)
+        match self.tracked(&change.id).cloned() {
+            Some(command) => {
+                self.record(&command, change, Some(reply));
             }
-            Err(err) => Err(err.into()),
+            // Not in memory: finished, unknown, or stored by another process. The store
+            // answers which (and cancels it in the last case). It goes through the recorder
+            // all the same, behind any change of the command still being written.
+            None => self.send_record(Record {
+                before: None,
+                change,
+                reply: Some(reply),
+            }),
         }
     }
 
@@ -938,30 +1193,27 @@ impl Dispatcher {
                     self.clock.now(),
                 );
                 change.reason = Some("expired before it could be sent".to_owned());
-                if self.apply(&command, change).await.is_none() {
-                    self.forget(&command.id);
-                }
+                self.record(&command, change, None);
                 continue;
             }
             let Some(client) = self.polyglot.client(&command.protocol) else {
                 // The configuration changed since it was stored.
                 let reason = format!("no polyglot client for protocol {:?}", command.protocol);
-                self.fail(&command, reason).await;
+                self.fail(&command, reason);
                 continue;
             };
             let Some(device) = slot.device.clone() else {
                 self.fail(
                     &command,
                     format!("device {:?} not found", command.device_id),
-                )
-                .await;
+                );
                 continue;
             };
             if !is_online(client.as_ref(), device_id, slot) {
                 return;
             }
             match client.send_command(&device, &command).await {
-                Ok(outcome) => self.sent(command, outcome).await,
+                Ok(outcome) => self.sent(command, outcome),
                 Err(BackendError::Unavailable(reason)) => {
                     tracing::debug!(device = device_id, %reason, "client unavailable; commands stay queued");
                     if let Some(slot) = self.devices.get_mut(device_id) {
@@ -972,100 +1224,92 @@ impl Dispatcher {
                 }
                 Err(err) => {
                     tracing::info!(device = device_id, command = %command.id, error = %err, "command refused by its client");
-                    self.fail(&command, err.to_string()).await;
+                    self.fail(&command, err.to_string());
                 }
             }
         }
     }
 
     /// Records a successful hand-over and moves the command to the in-flight set.
-    async fn sent(&mut self, command: Command, outcome: SendOutcome) {
-        let change = transition(
-            &command,
-            &[command.state],
-            CommandState::Sent,
-            self.clock.now(),
-        );
-        let mut current = match self.apply(&command, change).await {
-            Some(current) => current,
-            None => {
-                // The store refused or failed; it did go out, so track it as sent.
-                let mut current = command.clone();
-                current.state = CommandState::Sent;
-                current
-            }
-        };
-        if current.state.is_final() {
-            return;
-        }
-        if outcome == SendOutcome::Delivered && current.state == CommandState::Sent {
+    fn sent(&mut self, command: Command, outcome: SendOutcome) {
+        let current = if outcome == SendOutcome::Delivered && command.state == CommandState::Queued
+        {
+            // Sent and confirmed at once: one step (and one write), `queued` → `delivered`,
+            // which the store records as a send (see `applied`).
             let change = transition(
-                &current,
-                &[CommandState::Sent],
+                &command,
+                &[CommandState::Queued],
                 CommandState::Delivered,
                 self.clock.now(),
             );
-            if let Some(delivered) = self.apply(&current, change).await {
-                current = delivered;
-            }
-            if current.state.is_final() {
-                return;
-            }
-        }
+            self.record(&command, change, None)
+        } else {
+            self.sent_in_steps(command, outcome)
+        };
         if let Some(slot) = self.devices.get_mut(&current.device_id) {
             slot.pending.remove(&current.seq);
             slot.inflight.insert(current.seq, current);
         }
     }
 
-    async fn fail(&mut self, command: &Command, reason: String) {
+    /// `sent`, then (if the transport confirmed it at once) `delivered`: for a command sent
+    /// again after a restart, whose `sent` → `delivered` step must count the new attempt.
+    fn sent_in_steps(&mut self, command: Command, outcome: SendOutcome) -> Command {
+        let change = transition(
+            &command,
+            &[command.state],
+            CommandState::Sent,
+            self.clock.now(),
+        );
+        let mut current = self.record(&command, change, None);
+        if outcome == SendOutcome::Delivered {
+            let change = transition(
+                &current,
+                &[CommandState::Sent],
+                CommandState::Delivered,
+                self.clock.now(),
+            );
+            current = self.record(&current, change, None);
+        }
+        current
+    }
+
+    fn fail(&mut self, command: &Command, reason: String) {
         let mut change = transition(command, &UNFINISHED, CommandState::Failed, self.clock.now());
         change.reason = Some(reason);
-        if self.apply(command, change).await.is_none() {
-            // Never leave a command at the head of the queue that cannot go anywhere.
-            self.forget(&command.id);
+        self.record(command, change, None);
+    }
+
+    /// Applies a change to memory at once and hands it to the recorder (the store is the one
+    /// place states change; see the module docs). Returns the command as changed.
+    fn record(
+        &mut self,
+        command: &Command,
+        change: CommandTransition,
+        reply: Option<oneshot::Sender<Result<Command, CommandError>>>,
+    ) -> Command {
+        let after = applied(command, &change);
+        self.mirror(after.clone());
+        self.send_record(Record {
+            before: Some(command.clone()),
+            change,
+            reply,
+        });
+        after
+    }
+
+    fn send_record(&self, record: Record) {
+        if let Err(mpsc::error::SendError(record)) = self.records.send(record) {
+            // Only while shutting down; the store still holds the previous state.
+            tracing::warn!(command = %record.change.id, "command recorder stopped; change not recorded");
         }
     }
 
-    /// Applies a transition through the store (the one place states change) and mirrors it
-    /// in memory. `None` if the store refused or failed (logged).
-    async fn apply(&mut self, command: &Command, change: CommandTransition) -> Option<Command> {
-        let to = change.to;
-        match self.store.transition_command(change).await {
-            Ok(updated) => {
-                self.settled(command, updated.clone());
-                Some(updated)
-            }
-            Err(StoreError::Conflict(message)) => {
-                // Moved by someone else (another process on the same store): adopt it.
-                tracing::debug!(command = %command.id, %message, "transition refused");
-                match self.store.get_command(&command.id).await {
-                    Ok(current) => self.settled(command, current),
-                    Err(StoreError::NotFound(_)) => self.forget(&command.id),
-                    Err(_) => {}
-                }
-                None
-            }
-            Err(StoreError::NotFound(_)) => {
-                self.forget(&command.id);
-                None
-            }
-            Err(err) => {
-                tracing::warn!(command = %command.id, to = state_label(to), error = %err, "cannot record a command transition");
-                None
-            }
-        }
-    }
-
-    /// Mirrors a command's new stored state: counted, waiters completed when final, and
-    /// forgotten then.
-    fn settled(&mut self, before: &Command, after: Command) {
-        if after.state != before.state {
-            count_transition(&after.protocol, after.state);
-        }
+    /// Mirrors a command's new state in memory: forgotten when final, else updated where it
+    /// is kept.
+    fn mirror(&mut self, after: Command) {
         if after.state.is_final() {
             self.forget(&after.id);
-            self.waiters.complete(&after);
         } else if let Some(slot) = self.devices.get_mut(&after.device_id) {
             if let Some(kept) = slot.pending.get_mut(&after.seq) {
                 *kept = after;
@@ -1115,6 +1359,42 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// The command as the store will have it once `change` is applied (the same rules as the
+/// store's: see `Store::transition_command`).
+fn applied(command: &Command, change: &CommandTransition) -> Command {
+    let mut after = command.clone();
+    after.state = change.to;
+    match change.to {
+        CommandState::Queued => {}
+        CommandState::Sent => {
+            after.sent_at = Some(change.at);
+            after.attempts = after.attempts.saturating_add(1);
+        }
+        CommandState::Delivered => {
+            if command.state == CommandState::Queued {
+                // A send confirmed at once.
+                after.sent_at = Some(change.at);
+                after.attempts = after.attempts.saturating_add(1);
+            }
+            after.delivered_at = Some(change.at);
+        }
+        CommandState::Acknowledged => {
+            after.acknowledged_at = Some(change.at);
+            after.delivered_at.get_or_insert(change.at);
+        }
+        CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
+            after.finished_at = Some(change.at);
+        }
+    }
+    if let Some(reason) = &change.reason {
+        after.reason = Some(reason.clone());
+    }
+    if let Some(reply) = &change.reply {
+        after.reply = Some(reply.clone());
+    }
+    after
 }
 
 /// The client's view wins; otherwise the last presence heard (or stored).

@@ -346,24 +346,24 @@ async fn expired_commands_never_go_out_and_sent_ones_expire_unacknowledged() {
     assert_eq!(queued.expires_at, Some(queued.created_at + 1_000));
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let expired = store.get_command(&queued.id).await.unwrap();
-    assert_eq!(expired.state, CommandState::Expired);
+    // The store writes on its own thread, in real time, which the paused clock does not wait
+    // for: poll for what the expiry (due by now) stores.
+    let expired = eventually_state(&store, &queued.id, CommandState::Expired).await;
     assert!(expired.finished_at.is_some());
     assert!(expired.sent_at.is_none());
     assert!(expired.reason.unwrap().contains("before it could be sent"));
-    let expired_sent = store.get_command(&sent.id).await.unwrap();
-    assert_eq!(expired_sent.state, CommandState::Expired);
+    let expired_sent = eventually_state(&store, &sent.id, CommandState::Expired).await;
     assert!(expired_sent.sent_at.is_some());
 
     client.set_online("d1", true);
     hub.service.device_online("d1").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually_state(&store, &lasting.id, CommandState::Sent).await;
     assert_eq!(
         client.sent_ids(),
         vec![sent.id, lasting.id.clone()],
         "the expired command never went out; the next one did"
     );
-    assert_eq!(state_of(&store, &lasting.id).await, CommandState::Sent);
     hub.stop().await;
 }
 
@@ -807,5 +807,99 @@ async fn a_client_that_sees_the_device_connect_gets_the_queue_without_a_presence
     client.set_online("d1", true);
     eventually("both sends", || client.sent.lock().len() == 2).await;
     assert_eq!(client.sent_ids(), vec![first.id, second.id]);
+    hub.stop().await;
+}
+
+/// The dispatcher hands state changes to the store without waiting for them; a reply that
+/// arrives while the send is still being recorded must be stored after it (so `sent_at` and
+/// `attempts` are kept), a waiter must hear `acknowledged` only once it is stored, and an
+/// answer that overtook the transport's confirmation still fills `delivered_at`.
+#[tokio::test]
+async fn a_reply_on_the_heels_of_the_send_is_stored_after_it() {
+    for mode in [Mode::Sent, Mode::Delivered] {
+        let (_dir, store) = new_store().await;
+        let client = FakeClient::new(mode);
+        client.set_online("d1", true);
+        let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+        for round in 0..20 {
+            let command = hub.submit("d1", &format!("go{round}")).await;
+            let waiter = {
+                let service = hub.service.clone();
+                let id = command.id.clone();
+                tokio::spawn(async move { service.wait(&id, PATIENCE).await })
+            };
+            eventually("the command handed to the client", || {
+                client.sent_ids().contains(&command.id)
+            })
+            .await;
+            hub.reply("d1", Some(&command.id), None, true).await;
+            let answered = tokio::time::timeout(PATIENCE, waiter)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(answered.state, CommandState::Acknowledged, "{mode:?}");
+            let stored = store.get_command(&command.id).await.unwrap();
+            assert_eq!(
+                stored, answered,
+                "{mode:?}: the waiter heard what is stored"
+            );
+            let (Some(sent), Some(delivered), Some(acknowledged)) =
+                (stored.sent_at, stored.delivered_at, stored.acknowledged_at)
+            else {
+                panic!("{mode:?}: a step is missing: {stored:?}");
+            };
+            assert!(
+                stored.created_at <= sent && sent <= delivered && delivered <= acknowledged,
+                "{mode:?}: {stored:?}"
+            );
+            assert_eq!(stored.attempts, 1, "{mode:?}");
+        }
+        hub.stop().await;
+    }
+}
+
+/// Commands to many devices at once all get through the write-behind path, with their waiters
+/// answered, and nothing stays unfinished in the store.
+#[tokio::test]
+async fn many_commands_in_flight_at_once_are_all_acknowledged_and_stored() {
+    let (_dir, store) = new_store().await;
+    let client = FakeClient::new(Mode::Delivered);
+    client.set_online("d1", true);
+    client.set_online("d2", true);
+    let hub = Arc::new(Harness::start(
+        store.clone(),
+        client.clone(),
+        CommandConfig::default(),
+    ));
+    let mut waiters = Vec::new();
+    for n in 0..100 {
+        let hub = hub.clone();
+        let client = client.clone();
+        waiters.push(tokio::spawn(async move {
+            let device = if n % 2 == 0 { "d1" } else { "d2" };
+            let command = hub.submit(device, &format!("c{n}")).await;
+            let waiter = {
+                let service = hub.service.clone();
+                let id = command.id.clone();
+                tokio::spawn(async move { service.wait(&id, PATIENCE).await })
+            };
+            eventually("the command handed to the client", || {
+                client.sent_ids().contains(&command.id)
+            })
+            .await;
+            hub.reply(device, Some(&command.id), None, true).await;
+            waiter.await.unwrap().unwrap()
+        }));
+    }
+    for waiter in waiters {
+        let answered = tokio::time::timeout(PATIENCE, waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answered.state, CommandState::Acknowledged);
+    }
+    assert!(store.unfinished_commands().await.unwrap().is_empty());
+    let hub = Arc::into_inner(hub).expect("every task finished");
     hub.stop().await;
 }

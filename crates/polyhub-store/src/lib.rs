@@ -123,8 +123,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         Err(commands_unsupported())
     }
     /// Applies a state change atomically if the command is in one of `from` (sets the
-    /// timestamp of the new state; `Sent` also increments `attempts`). Errors: `NotFound`,
-    /// `Conflict` (current state not in `from`; the message names it).
+    /// timestamp of the new state; `Sent` also increments `attempts`; `Queued → Delivered`
+    /// also sets `sent_at` and counts the attempt; `Acknowledged` sets an empty
+    /// `delivered_at`). Errors: `NotFound`, `Conflict` (current state not in `from`; the
+    /// message names it).
     async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
         let _ = change;
         Err(commands_unsupported())

@@ -5,17 +5,39 @@
 //!
 //! Threading: SQLite calls block, so every [`Store`] method runs its work on tokio's blocking
 //! pool (`spawn_blocking`). Each store owns one write connection behind a mutex, so writes of
-//! one process are serialised there; every write is a `BEGIN IMMEDIATE` transaction, which takes
+//! one process are serialised there; every write transaction is `BEGIN IMMEDIATE`, which takes
 //! the database's write lock up front so that the busy timeout (not an immediate
 //! `SQLITE_BUSY`) governs waiting for writers of other processes. Reads use a small pool of
 //! separate read-only connections: under WAL they read a snapshot and never wait behind ingest.
 //!
-//! Durability: `synchronous=FULL`, so each commit syncs the WAL before it returns. A parser
+//! Group commit: a write first joins a queue, then takes the write connection; whoever holds
+//! the connection runs everything queued by then (up to [`MAX_WRITES_PER_COMMIT`] per
+//! transaction) in one transaction, each write inside its own savepoint, so one write's error
+//! rolls back that write only. A write returns once the transaction that carried it is
+//! committed, as before; what changes is that concurrent writers (API requests, the command
+//! service, ingest) share one commit, and so one sync, instead of queueing for one each. A lone
+//! write commits at once: batching adds no delay. (Writes stay on the blocking pool rather than
+//! on a thread of their own because tokio's paused test clock waits for blocking-pool work and
+//! not for other threads: tests of crates that use the store with paused time rely on that.)
+//!
+//! Durability: `synchronous=FULL`, so a commit syncs the WAL before the write returns. A parser
 //! acknowledges messages to the broker only after `write_batch` returns, and with `NORMAL` a
 //! power loss could drop the last commits after their messages were acknowledged. The cost is
-//! one fsync per batch (not per row), which batching amortises: with 1000-row batches the
+//! one fsync per commit (not per row), which batching amortises: with 1000-row batches the
 //! difference from `NORMAL` was within run-to-run noise on the 2-core development VM (see
-//! `ingest_rate_report` in the tests for the measurement).
+//! `ingest_rate_report` in the tests for the measurement). One kind of write is exempt: a
+//! command moving to `sent` or `delivered` ([`Durability::Committed`]). Losing such a step to a
+//! power cut changes nothing polyhub does (a command not known to be answered is sent again
+//! after a restart, whether it was recorded `queued`, `sent` or `delivered`), and since the WAL
+//! is written in order, the next synced commit makes it durable too. A batch made only of such
+//! writes commits with `synchronous=NORMAL`: it survives a crash of polyhub, not of the machine.
+//!
+//! Checkpoints: SQLite's automatic checkpoint runs inside the commit that crosses the WAL size
+//! limit, copying the WAL into the database and syncing it while every write waits (tens of
+//! milliseconds each time, under a steady stream of small commits). A checkpointer thread with
+//! its own connection runs a passive checkpoint every [`CHECKPOINT_INTERVAL`] instead, which
+//! writers do not wait for; the writer's automatic checkpoint stays as a backstop at
+//! [`BACKSTOP_CHECKPOINT_PAGES`], for when the checkpointer cannot keep up.
 
 mod activity;
 mod commands;
@@ -24,14 +46,16 @@ mod schema;
 mod telemetry;
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 use serde::Deserialize;
+use tokio::sync::oneshot;
 
 use crate::Store;
 use crate::error::StoreError;
@@ -69,6 +93,19 @@ const READER_CACHE_KIB: i64 = 16 * 1024;
 /// when returned to a full pool.
 const MAX_IDLE_READERS: usize = 4;
 
+/// Most writes one transaction carries (see the module docs on group commit). Bounds how long
+/// the first write of a batch waits for the others to run before its commit.
+const MAX_WRITES_PER_COMMIT: usize = 256;
+
+/// How often the checkpointer thread checkpoints the WAL (see the module docs).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// WAL size, in pages, at which a commit checkpoints by itself (SQLite's default is 1000).
+const BACKSTOP_CHECKPOINT_PAGES: i64 = 20_000;
+
+/// The savepoint that isolates each write of a batch.
+const WRITE_SAVEPOINT: &str = "polyhub_write";
+
 /// The SQLite-backed [`crate::Store`]. Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -78,8 +115,217 @@ pub struct SqliteStore {
 struct Shared {
     path: PathBuf,
     busy_timeout: Duration,
-    writer: Mutex<Connection>,
+    /// Writes waiting for the write connection (see the module docs on group commit).
+    queued_writes: Mutex<Vec<Box<dyn PendingWrite>>>,
+    writer: Mutex<Writer>,
     idle_readers: Mutex<Vec<Connection>>,
+    /// Dropped with the store, which tells the checkpointer thread to end.
+    _checkpointer: mpsc::Sender<()>,
+}
+
+/// The write connection and its current `synchronous` level.
+struct Writer {
+    conn: Connection,
+    synchronous: Durability,
+}
+
+/// How durable a write is once it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Synced to disk (`synchronous=FULL`): survives a power loss.
+    Synced,
+    /// Committed and visible, survives a crash of the process, but may be lost with the
+    /// machine until the next synced commit (see the module docs for who may use it).
+    Committed,
+}
+
+/// A write waiting for the writer thread; the type parameters of [`SqliteStore::write`] are
+/// erased here so that writes of any result type share one queue.
+trait PendingWrite: Send {
+    fn durability(&self) -> Durability;
+    /// Runs the operation inside the batch's transaction, in its own savepoint. The answer goes
+    /// out only once the commit's outcome is known, through the returned value.
+    fn run(self: Box<Self>, tx: &Transaction<'_>) -> Result<Box<dyn Settle>, BatchAborted>;
+    /// The batch could not run: answers with `error`.
+    fn abandon(self: Box<Self>, error: StoreError);
+}
+
+/// The outcome of one write of a batch, waiting for the commit.
+trait Settle: Send {
+    fn settle(self: Box<Self>, commit: Result<(), &StoreError>);
+}
+
+/// A savepoint could not be rolled back: the transaction's state is unknown, so the whole
+/// batch is rolled back and fails with this error.
+struct BatchAborted(StoreError);
+
+struct WriteRequest<T, F> {
+    durability: Durability,
+    op: F,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+struct WriteOutcome<T> {
+    result: Result<T, StoreError>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> PendingWrite for WriteRequest<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn run(self: Box<Self>, tx: &Transaction<'_>) -> Result<Box<dyn Settle>, BatchAborted> {
+        let WriteRequest { op, reply, .. } = *self;
+        if let Err(err) = tx.execute_batch(&format!("SAVEPOINT {WRITE_SAVEPOINT}")) {
+            let error = StoreError::from(err);
+            let _ = reply.send(Err(copy_error(&error)));
+            return Err(BatchAborted(error));
+        }
+        // A panicking operation must not take the writer thread (and every later write) down.
+        let result = catch_unwind(AssertUnwindSafe(|| op(tx))).unwrap_or_else(|_| {
+            Err(StoreError::Backend(
+                "a storage operation panicked; its changes were rolled back".to_owned(),
+            ))
+        });
+        let end = if result.is_ok() {
+            format!("RELEASE {WRITE_SAVEPOINT}")
+        } else {
+            format!("ROLLBACK TO {WRITE_SAVEPOINT}; RELEASE {WRITE_SAVEPOINT}")
+        };
+        if let Err(err) = tx.execute_batch(&end) {
+            let error = StoreError::from(err);
+            let _ = reply.send(Err(copy_error(&error)));
+            return Err(BatchAborted(error));
+        }
+        Ok(Box::new(WriteOutcome { result, reply }))
+    }
+
+    fn abandon(self: Box<Self>, error: StoreError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl<T: Send + 'static> Settle for WriteOutcome<T> {
+    fn settle(self: Box<Self>, commit: Result<(), &StoreError>) {
+        let result = match (self.result, commit) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(error)) => Err(copy_error(error)),
+            // The write's own error is the better explanation.
+            (Err(error), _) => Err(error),
+        };
+        // The caller may have gone away (a dropped future): nothing to tell then.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// The same error again, for each write of a batch that one failure ended.
+fn copy_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::NotFound(message) => StoreError::NotFound(message.clone()),
+        StoreError::Conflict(message) => StoreError::Conflict(message.clone()),
+        StoreError::Invalid(message) => StoreError::Invalid(message.clone()),
+        StoreError::Unavailable(message) => StoreError::Unavailable(message.clone()),
+        StoreError::Backend(message) => StoreError::Backend(message.clone()),
+    }
+}
+
+/// The checkpointer thread: a passive checkpoint (it never waits for writers, nor they for it)
+/// every [`CHECKPOINT_INTERVAL`], until the store is dropped.
+fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        });
+        if let Err(err) = done {
+            tracing::debug!(error = %err, "WAL checkpoint failed; the next one retries");
+        }
+    }
+}
+
+/// Runs every queued write, in transactions of at most [`MAX_WRITES_PER_COMMIT`], while holding
+/// the write connection.
+fn run_queued_writes(writer: &mut Writer, queued: &Mutex<Vec<Box<dyn PendingWrite>>>) {
+    loop {
+        let batch: Vec<Box<dyn PendingWrite>> = {
+            let mut queued = queued.lock();
+            let take = queued.len().min(MAX_WRITES_PER_COMMIT);
+            queued.drain(..take).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let durability = if batch
+            .iter()
+            .any(|write| write.durability() == Durability::Synced)
+        {
+            Durability::Synced
+        } else {
+            Durability::Committed
+        };
+        if durability != writer.synchronous {
+            let level = match durability {
+                Durability::Synced => "FULL",
+                Durability::Committed => "NORMAL",
+            };
+            if let Err(err) = writer.conn.pragma_update(None, "synchronous", level) {
+                let error = StoreError::from(err);
+                for write in batch {
+                    write.abandon(copy_error(&error));
+                }
+                continue;
+            }
+            writer.synchronous = durability;
+        }
+        run_batch(&mut writer.conn, batch);
+    }
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Box<dyn PendingWrite>>) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(err) => {
+            let error = StoreError::from(err);
+            for write in batch {
+                write.abandon(copy_error(&error));
+            }
+            return;
+        }
+    };
+    let mut settles = Vec::with_capacity(batch.len());
+    let mut writes = batch.into_iter();
+    let mut aborted = None;
+    for write in writes.by_ref() {
+        match write.run(&tx) {
+            Ok(settle) => settles.push(settle),
+            Err(BatchAborted(error)) => {
+                aborted = Some(error);
+                break;
+            }
+        }
+    }
+    let commit = match aborted {
+        Some(error) => {
+            // Dropping the transaction rolls it back.
+            drop(tx);
+            for write in writes {
+                write.abandon(copy_error(&error));
+            }
+            Err(error)
+        }
+        None => tx.commit().map_err(StoreError::from),
+    };
+    for settle in settles {
+        settle.settle(commit.as_ref().map(|_| ()));
+    }
 }
 
 impl fmt::Debug for SqliteStore {
@@ -116,13 +362,28 @@ impl SqliteStore {
         let busy_timeout = Duration::from_millis(config.busy_timeout_ms);
         let mut writer = open_connection(&path, busy_timeout, Role::Writer)?;
         schema::migrate(&mut writer)?;
+        writer.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)?;
+        let checkpoints = open_connection(&path, busy_timeout, Role::Writer)?;
+        let (checkpointer, stop) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("polyhub-sqlite-checkpointer".to_owned())
+            .spawn(move || run_checkpointer(checkpoints, stop))
+            .map_err(|err| {
+                StoreError::Backend(format!("cannot start the SQLite checkpointer: {err}"))
+            })?;
+
         tracing::debug!(path = %path.display(), "opened SQLite store");
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 path,
                 busy_timeout,
-                writer: Mutex::new(writer),
+                queued_writes: Mutex::new(Vec::new()),
+                writer: Mutex::new(Writer {
+                    conn: writer,
+                    synchronous: Durability::Synced,
+                }),
                 idle_readers: Mutex::new(Vec::new()),
+                _checkpointer: checkpointer,
             }),
         })
     }
@@ -132,21 +393,40 @@ impl SqliteStore {
         &self.shared.path
     }
 
-    /// Runs `op` in one write transaction on the blocking pool; commits if it returns `Ok`.
+    /// Runs `op` on the blocking pool, in a write transaction it may share with other writes
+    /// (in its own savepoint: an `Err` undoes its changes only), and returns once that
+    /// transaction is committed and synced.
     async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_with(Durability::Synced, op).await
+    }
+
+    /// [`SqliteStore::write`] with a chosen durability.
+    async fn write_with<T, F>(&self, durability: Durability, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let request = WriteRequest {
+            durability,
+            op,
+            reply,
+        };
         let shared = Arc::clone(&self.shared);
         run_blocking(move || {
-            let mut conn = shared.writer.lock();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let value = op(&tx)?;
-            tx.commit()?;
-            Ok(value)
+            shared.queued_writes.lock().push(Box::new(request));
+            // Ours is queued: either an earlier holder of the connection runs it (and has
+            // answered it by the time it lets go), or we do.
+            let mut writer = shared.writer.lock();
+            run_queued_writes(&mut writer, &shared.queued_writes);
+            Ok(())
         })
-        .await
+        .await?;
+        answer.await.unwrap_or_else(|_| Err(write_lost()))
     }
 
     /// Runs `op` in one read transaction (one consistent snapshot) on a pooled read connection.
@@ -178,6 +458,10 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+fn write_lost() -> StoreError {
+    StoreError::Backend("a write was dropped without an answer".to_owned())
 }
 
 /// Runs blocking database work off the async runtime's worker threads.
@@ -503,8 +787,15 @@ impl Store for SqliteStore {
 
     async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
         validate_id("command", &change.id)?;
-        self.write(move |tx| commands::transition_command(tx, &change))
-            .await
+        // See the module docs: these steps need not be synced before the caller goes on.
+        let durability = match change.to {
+            CommandState::Sent | CommandState::Delivered => Durability::Committed,
+            _ => Durability::Synced,
+        };
+        self.write_with(durability, move |tx| {
+            commands::transition_command(tx, &change)
+        })
+        .await
     }
 
     async fn unfinished_commands(&self) -> Result<Vec<Command>, StoreError> {
@@ -516,30 +807,149 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    fn pragma(conn: &Connection, name: &str) -> String {
+        conn.query_row(&format!("PRAGMA {name}"), [], |row| {
+            row.get::<_, rusqlite::types::Value>(0)
+        })
+        .map(|value| match value {
+            rusqlite::types::Value::Integer(n) => n.to_string(),
+            rusqlite::types::Value::Text(text) => text,
+            other => format!("{other:?}"),
+        })
+        .unwrap()
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn connections_are_durable_wal_connections() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
-        let writer = store.shared.writer.lock();
-        let pragma = |conn: &Connection, name: &str| -> String {
-            conn.query_row(&format!("PRAGMA {name}"), [], |row| {
-                row.get::<_, rusqlite::types::Value>(0)
-            })
-            .map(|value| match value {
-                rusqlite::types::Value::Integer(n) => n.to_string(),
-                rusqlite::types::Value::Text(text) => text,
-                other => format!("{other:?}"),
-            })
-            .unwrap()
-        };
-        assert_eq!(pragma(&writer, "journal_mode"), "wal");
-        assert_eq!(pragma(&writer, "synchronous"), "2", "FULL");
-        assert_eq!(pragma(&writer, "foreign_keys"), "1");
-        assert_eq!(pragma(&writer, "busy_timeout"), "5000");
-        assert_eq!(pragma(&writer, "query_only"), "0");
+        let pragmas = runtime()
+            .block_on(store.write(|conn| {
+                Ok([
+                    "journal_mode",
+                    "synchronous",
+                    "foreign_keys",
+                    "busy_timeout",
+                    "query_only",
+                ]
+                .map(|name| pragma(conn, name)))
+            }))
+            .unwrap();
+        assert_eq!(
+            pragmas,
+            ["wal", "2", "1", "5000", "0"],
+            "synchronous 2 is FULL"
+        );
         let reader = open_connection(store.path(), Duration::from_millis(5), Role::Reader).unwrap();
         assert_eq!(pragma(&reader, "query_only"), "1");
         assert_eq!(pragma(&reader, "busy_timeout"), "5");
+    }
+
+    #[test]
+    fn only_batches_of_unsynced_writes_commit_without_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
+        let runtime = runtime();
+        let level = |durability| {
+            runtime
+                .block_on(store.write_with(durability, |conn| Ok(pragma(conn, "synchronous"))))
+                .unwrap()
+        };
+        assert_eq!(level(Durability::Committed), "1", "NORMAL");
+        assert_eq!(level(Durability::Synced), "2", "FULL again");
+        assert_eq!(level(Durability::Synced), "2");
+    }
+
+    /// Writes waiting together share one transaction, and one write's error (or panic) undoes
+    /// that write only.
+    #[test]
+    fn concurrent_writes_share_a_commit_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
+        let runtime = runtime();
+        runtime
+            .block_on(store.write(|conn| {
+                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
+                Ok(())
+            }))
+            .unwrap();
+        // Hold the writer thread busy so that the writes below queue up behind it and are
+        // taken as one batch.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let blocking_store = store.clone();
+        let (started, running) = oneshot::channel::<()>();
+        let results = runtime.block_on(async {
+            let blocker = tokio::spawn(async move {
+                blocking_store
+                    .write(move |_| {
+                        let _ = started.send(());
+                        let _ = released.recv_timeout(Duration::from_secs(10));
+                        Ok(())
+                    })
+                    .await
+            });
+            running.await.unwrap();
+            let mut writes = Vec::new();
+            for n in 0..10_i64 {
+                let store = store.clone();
+                let path = store.path().to_owned();
+                writes.push(tokio::spawn(async move {
+                    store
+                        .write(move |conn| {
+                            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                            match n {
+                                3 => Err(StoreError::Invalid("three is refused".to_owned())),
+                                7 => panic!("seven panics"),
+                                // What another connection sees: nothing of this batch
+                                // until it commits.
+                                _ => Connection::open(&path)?
+                                    .query_row("SELECT count(*) FROM t", [], |row| {
+                                        row.get::<_, i64>(0)
+                                    })
+                                    .map_err(StoreError::from),
+                            }
+                        })
+                        .await
+                }));
+            }
+            // Let every write reach the queue before the writer is free again.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            let mut results = Vec::new();
+            for write in writes {
+                results.push(write.await.unwrap());
+            }
+            results
+        });
+        for (n, result) in results.iter().enumerate() {
+            match n {
+                3 => assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}"),
+                7 => assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}"),
+                _ => assert!(
+                    matches!(result, Ok(0)),
+                    "write {n} saw earlier writes committed, so they did not share a commit: {result:?}"
+                ),
+            }
+        }
+        let stored: Vec<i64> = runtime
+            .block_on(store.read(|conn| {
+                let mut statement = conn.prepare("SELECT n FROM t ORDER BY n")?;
+                let rows = statement
+                    .query_map([], |row| row.get(0))?
+                    .collect::<rusqlite::Result<Vec<i64>>>()?;
+                Ok(rows)
+            }))
+            .unwrap();
+        assert_eq!(stored, vec![0, 1, 2, 4, 5, 6, 8, 9]);
     }
 
     #[test]
@@ -619,11 +1029,11 @@ mod tests {
             }
             let dir = tempfile::tempdir().unwrap();
             let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
-            store
-                .shared
-                .writer
-                .lock()
-                .pragma_update(None, "synchronous", synchronous)
+            runtime
+                .block_on(store.write(move |conn| {
+                    conn.pragma_update(None, "synchronous", synchronous)?;
+                    Ok(())
+                }))
                 .unwrap();
             let batches_wanted: usize = std::env::var("POLYHUB_BENCH_BATCHES")
                 .ok()

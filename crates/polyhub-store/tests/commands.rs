@@ -359,6 +359,102 @@ async fn the_full_lifecycle_timestamps_each_step() {
     assert_eq!(store.get_command("c1").await.unwrap(), acknowledged);
 }
 
+/// A send that the transport confirmed at once is one step, `queued` → `delivered`, recorded
+/// as a send too; `sent` → `delivered` (a receipt) is not a send.
+#[tokio::test]
+async fn queued_to_delivered_records_the_send_in_the_same_step() {
+    let (_dir, store) = store_with_devices().await;
+    store
+        .create_command(record("c1", "d1", 1_000))
+        .await
+        .unwrap();
+    let delivered = store
+        .transition_command(change("c1", &[Queued], Delivered, 1_100))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            delivered.state,
+            delivered.sent_at,
+            delivered.delivered_at,
+            delivered.attempts
+        ),
+        (Delivered, Some(1_100), Some(1_100), 1)
+    );
+    store
+        .create_command(record("c2", "d1", 1_000))
+        .await
+        .unwrap();
+    store
+        .transition_command(change("c2", &[Queued], Sent, 1_100))
+        .await
+        .unwrap();
+    let received = store
+        .transition_command(change("c2", &[Sent], Delivered, 1_200))
+        .await
+        .unwrap();
+    assert_eq!(
+        (received.sent_at, received.delivered_at, received.attempts),
+        (Some(1_100), Some(1_200), 1)
+    );
+}
+
+/// A reply can overtake the transport's confirmation (an XMPP receipt sent after the reply, a
+/// reply to a command still `sent`): the answer proves delivery, so `delivered_at` is filled,
+/// and an earlier confirmation keeps its own time.
+#[tokio::test]
+async fn an_acknowledgement_fills_a_missing_delivery_time_only() {
+    let (_dir, store) = store_with_devices().await;
+    store
+        .create_command(record("c1", "d1", 1_000))
+        .await
+        .unwrap();
+    store
+        .create_command(record("c2", "d1", 1_000))
+        .await
+        .unwrap();
+    for id in ["c1", "c2"] {
+        store
+            .transition_command(change(id, &[Queued], Sent, 1_100))
+            .await
+            .unwrap();
+    }
+    let overtaken = store
+        .transition_command(change("c1", &[Sent, Delivered], Acknowledged, 1_300))
+        .await
+        .unwrap();
+    assert_eq!(
+        (overtaken.delivered_at, overtaken.acknowledged_at),
+        (Some(1_300), Some(1_300))
+    );
+    store
+        .transition_command(change("c2", &[Sent], Delivered, 1_200))
+        .await
+        .unwrap();
+    let in_order = store
+        .transition_command(change("c2", &[Sent, Delivered], Acknowledged, 1_300))
+        .await
+        .unwrap();
+    assert_eq!(
+        (in_order.delivered_at, in_order.acknowledged_at),
+        (Some(1_200), Some(1_300))
+    );
+    // Other final states do not claim a delivery.
+    store
+        .create_command(record("c3", "d1", 1_000))
+        .await
+        .unwrap();
+    store
+        .transition_command(change("c3", &[Queued], Sent, 1_100))
+        .await
+        .unwrap();
+    let failed = store
+        .transition_command(change("c3", &[Sent], Failed, 1_300))
+        .await
+        .unwrap();
+    assert_eq!(failed.delivered_at, None);
+}
+
 #[tokio::test]
 async fn final_states_set_finished_at_and_keep_reason_and_reply() {
     let (_dir, store) = store_with_devices().await;

@@ -371,11 +371,24 @@ pub(super) fn transition_command(
             Some("finished_at")
         }
     };
-    let attempts_increment = i64::from(change.to == CommandState::Sent);
-    let timestamp_update = match timestamp_column {
+    // `queued` → `delivered` is a send the transport confirmed at once (the embedded broker
+    // routed it to the connected device): one step that also records the send.
+    let sent_and_delivered =
+        change.to == CommandState::Delivered && current.state == CommandState::Queued;
+    let attempts_increment = i64::from(change.to == CommandState::Sent || sent_and_delivered);
+    let mut timestamp_update = match timestamp_column {
         Some(column) => format!(", {column} = ?3"),
         None => String::new(),
     };
+    // An answer proves the command reached the device, even when the answer overtook the
+    // transport's confirmation (which is then ignored): `delivered_at` is never later than
+    // `acknowledged_at`, and never left empty by an acknowledgement.
+    if change.to == CommandState::Acknowledged {
+        timestamp_update.push_str(", delivered_at = COALESCE(delivered_at, ?3)");
+    }
+    if sent_and_delivered {
+        timestamp_update.push_str(", sent_at = ?3");
+    }
     // The state in the WHERE clause repeats the check above: cheap insurance that nothing
     // changed it in between, should this ever run outside an immediate transaction.
     let updated = conn
