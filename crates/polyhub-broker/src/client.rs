@@ -574,18 +574,9 @@ where
             // buffer drains, or deliveries queued meanwhile would wait for the next wake-up.
             let report_drained = self.more_queued || self.conn.pending_write() >= WRITE_HIGH_WATER;
             let event = if let Some(backlog) = self.paused_for() {
-                // Backpressure: only writes and takeover are served; the client's packets wait
-                // in the socket, and with them the client, as TCP makes it.
-                tokio::select! {
-                    biased;
-                    result = self.conn.flush(), if self.conn.pending_write() > 0 => match result {
-                        Ok(()) => Event::Io(IoEvent::Drained),
-                        Err(error) => Event::IoError(error),
-                    },
-                    () = self.session.notify.notified() => Event::Queued,
-                    () = backlog.drained() => Event::Resumed,
-                    () = sleep_until(self.paused_until) => Event::Resumed,
-                }
+                // Boxed: the wait's timers and notifications would otherwise be part of every
+                // connection's future, which each idle connection holds.
+                Box::pin(self.wait_paused(backlog)).await
             } else {
                 tokio::select! {
                     biased;
@@ -634,6 +625,21 @@ where
                     keep_alive_timer.as_mut().reset(deadline);
                 }
             }
+        }
+    }
+
+    /// Backpressure: only writes and takeover are served; the client's packets wait in the
+    /// socket, and with them the client, as TCP makes it.
+    async fn wait_paused(&mut self, backlog: Arc<Session>) -> Event {
+        tokio::select! {
+            biased;
+            result = self.conn.flush(), if self.conn.pending_write() > 0 => match result {
+                Ok(()) => Event::Io(IoEvent::Drained),
+                Err(error) => Event::IoError(error),
+            },
+            () = self.session.notify.notified() => Event::Queued,
+            () = backlog.drained() => Event::Resumed,
+            () = sleep_until(self.paused_until) => Event::Resumed,
         }
     }
 
