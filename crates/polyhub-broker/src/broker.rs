@@ -423,15 +423,7 @@ impl Broker {
         client_id: &str,
         max_queued: usize,
     ) -> Result<LocalClient, BrokerError> {
-        if self.shared.local_shutdown.is_cancelled() {
-            return Err(BrokerError::Closed);
-        }
-        if client_id.is_empty() {
-            return Err(BrokerError::InvalidRequest("empty client id".into()));
-        }
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.shared.start_sys();
-        }
+        self.admit_local_client(client_id)?;
         let in_use = || BrokerError::InvalidRequest(format!("client id {client_id:?} is in use"));
         let mut sessions = self.shared.sessions.lock();
         let (session, present) = match sessions.get(client_id) {
@@ -508,14 +500,9 @@ impl Broker {
         self.local_client_with_queue(client_id, self.shared.config.max_queued_messages)
     }
 
-    /// An in-process client whose queue holds up to `max_queued` undelivered messages
-    /// (0: unbounded) instead of `max_queued_messages`: for consumers that take bursts larger
-    /// than a network client's queue, such as ingestion.
-    pub fn local_client_with_queue(
-        &self,
-        client_id: &str,
-        max_queued: usize,
-    ) -> Result<LocalClient, BrokerError> {
+    /// What every in-process client must pass before it gets a session: the broker is not
+    /// shut down and the id is not empty. Starts `$SYS` publishing with the first one.
+    fn admit_local_client(&self, client_id: &str) -> Result<(), BrokerError> {
         if self.shared.local_shutdown.is_cancelled() {
             return Err(BrokerError::Closed);
         }
@@ -525,6 +512,18 @@ impl Broker {
         if tokio::runtime::Handle::try_current().is_ok() {
             self.shared.start_sys();
         }
+        Ok(())
+    }
+
+    /// An in-process client whose queue holds up to `max_queued` undelivered messages
+    /// (0: unbounded) instead of `max_queued_messages`: for consumers that take bursts larger
+    /// than a network client's queue, such as ingestion.
+    pub fn local_client_with_queue(
+        &self,
+        client_id: &str,
+        max_queued: usize,
+    ) -> Result<LocalClient, BrokerError> {
+        self.admit_local_client(client_id)?;
         let session = {
             let mut sessions = self.shared.sessions.lock();
             if sessions.contains_key(client_id) {

@@ -227,6 +227,26 @@ fn stored_session(session: &Session, table: &mut MessageTable, queue_qos0: bool)
     }))
 }
 
+/// Subscribes a restored session to its saved filters (routing and the session's own record);
+/// a filter that is no longer valid is skipped with a warning.
+fn restore_subscriptions(shared: &Shared, session: &Arc<Session>, stored: &StoredSession) {
+    for subscription in &stored.subscriptions {
+        if !Shared::filter_is_valid(&subscription.filter) {
+            tracing::warn!(
+                client_id = %stored.client_id,
+                filter = %subscription.filter,
+                "Saved subscription with an invalid filter skipped."
+            );
+            continue;
+        }
+        let live = Subscription {
+            options: subscription.options,
+            identifier: subscription.identifier,
+        };
+        shared.subscribe(session, &subscription.filter, live);
+    }
+}
+
 /// The session's subscriptions by filter; `None` while one's options are not known.
 fn stored_subscriptions(state: &SessionState) -> Option<Vec<StoredSubscription>> {
     let mut subscriptions = Vec::new();
@@ -371,26 +391,7 @@ pub(crate) fn restore(
             summary.skipped_sessions += 1;
             continue;
         };
-        for subscription in &stored.subscriptions {
-            if !Shared::filter_is_valid(&subscription.filter) {
-                tracing::warn!(
-                    client_id = %stored.client_id,
-                    filter = %subscription.filter,
-                    "Saved subscription with an invalid filter skipped."
-                );
-                continue;
-            }
-            let live = Subscription {
-                options: subscription.options,
-                identifier: subscription.identifier,
-            };
-            shared.subscribe(&session, &subscription.filter, live);
-            session
-                .state
-                .lock()
-                .subscriptions
-                .insert_with(subscription.filter.clone(), live);
-        }
+        restore_subscriptions(shared, &session, &stored);
         let will_delay = stored
             .will
             .as_ref()
@@ -492,21 +493,7 @@ fn restore_local(
         sessions.insert(stored.client_id.clone(), Arc::clone(&session));
         session
     };
-    for subscription in &stored.subscriptions {
-        if !Shared::filter_is_valid(&subscription.filter) {
-            tracing::warn!(
-                client_id = %stored.client_id,
-                filter = %subscription.filter,
-                "Saved subscription with an invalid filter skipped."
-            );
-            continue;
-        }
-        let live = Subscription {
-            options: subscription.options,
-            identifier: subscription.identifier,
-        };
-        shared.subscribe(&session, &subscription.filter, live);
-    }
+    restore_subscriptions(shared, &session, stored);
     session.state.lock().queue = stored
         .queue
         .iter()
