@@ -43,6 +43,12 @@ pub trait HubRuntime: Send + Sync + std::fmt::Debug + 'static {
     async fn device_added(&self, device: &Device) -> Result<(), RuntimeError>;
     /// A device was deleted: the parser unsubscribes before this returns.
     async fn device_removed(&self, hub_id: &str, device_id: &str) -> Result<(), RuntimeError>;
+    /// A hub was deleted (its parser was stopped first): what the broker still keeps for its
+    /// parser (a persistent session with subscriptions and queued messages) goes too.
+    async fn hub_deleted(&self, hub_id: &str) -> Result<(), RuntimeError> {
+        let _ = hub_id;
+        Ok(())
+    }
     /// Current status of a hub's parser (`None` if the manager has never seen that hub).
     fn parser_status(&self, hub_id: &str) -> Option<ParserStatus>;
     /// Status of every parser the manager knows.

@@ -352,7 +352,7 @@ async fn deleting_a_hub_stops_its_parser_unless_it_owns_devices() {
         h.call(Method::DELETE, "/hubs/h1", None).await.status,
         StatusCode::NO_CONTENT
     );
-    assert_eq!(h.runtime.calls(), ["stop h1"]);
+    assert_eq!(h.runtime.calls(), ["stop h1", "hub_deleted h1"]);
     h.get("/hubs/h1")
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");

@@ -43,3 +43,4 @@ pub use child::run_child_parser;
 pub use config::HubConfig;
 pub use error::HubError;
 pub use manager::{HubManager, ManagerDeps, ProcessParserCommand};
+pub use parser::parser_client_id;

@@ -38,7 +38,8 @@ const SUBSCRIBE_CHUNK: usize = 200;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The bus client id of a hub's parser.
-pub(crate) fn parser_client_id(hub_id: &str) -> String {
+/// The client id of a hub's parser on the bus: its persistent session is the hub's.
+pub fn parser_client_id(hub_id: &str) -> String {
     format!("polyhub-parser-{hub_id}")
 }
 

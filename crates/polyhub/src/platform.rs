@@ -16,7 +16,7 @@ use anyhow::{Context, anyhow};
 use async_trait::async_trait;
 use polyhub_api::{ApiState, CommandRuntime, DeviceAccount, HubRuntime, RuntimeError};
 use polyhub_broker::Broker;
-use polyhub_hub::bus::PresenceEvent;
+use polyhub_hub::bus::{BusConnector, PresenceEvent};
 use polyhub_hub::{HubError, HubManager, ManagerDeps, ProcessParserCommand};
 use polyhub_polyglot::backends::mqtt::{MqttClientFactory, PresenceTable};
 use polyhub_polyglot::{
@@ -139,7 +139,7 @@ pub(crate) async fn start(
         events,
         store: store.clone(),
         shutdown: shutdown.clone(),
-        bus: Some(bus),
+        bus: Some(bus.clone()),
         channels: config.hub.channels.clone(),
     };
     let polyglot = Polyglot::build(&config.polyglot, &registry, context)
@@ -182,6 +182,7 @@ pub(crate) async fn start(
             runtime: Arc::new(ManagerRuntime {
                 manager,
                 commands: commands.clone(),
+                bus,
             }),
             commands: Some(Arc::new(CommandsRuntime { commands, accounts })),
             metrics: Some(metrics),
@@ -392,6 +393,8 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 struct ManagerRuntime {
     manager: HubManager,
     commands: CommandService,
+    /// The hub's bus, whose sessions outlive parsers (and must end with their hub).
+    bus: Arc<dyn BusConnector>,
 }
 
 fn runtime_error(error: HubError) -> RuntimeError {
@@ -429,6 +432,17 @@ impl HubRuntime for ManagerRuntime {
             // Not fatal: the client follows the device at its next login at the latest.
             warn!(device = %device.id, "protocol client not told about the new device: {error}");
         }
+        Ok(())
+    }
+
+    async fn hub_deleted(&self, hub_id: &str) -> Result<(), RuntimeError> {
+        // A clean connect with the parser's id ends its persistent session, whichever kind.
+        let client = self
+            .bus
+            .connect(&polyhub_hub::parser_client_id(hub_id), false)
+            .await
+            .map_err(|error| RuntimeError::Failed(error.to_string()))?;
+        drop(client);
         Ok(())
     }
 

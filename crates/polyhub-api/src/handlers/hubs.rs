@@ -177,6 +177,10 @@ pub(crate) async fn delete_hub(
         }
         return Err(error.into());
     }
+    if let Err(error) = state.runtime.hub_deleted(&id).await {
+        // Deleted all the same: what is left is a broker session nobody will resume.
+        tracing::warn!(hub = %id, %error, "the deleted hub's parser session was not discarded");
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

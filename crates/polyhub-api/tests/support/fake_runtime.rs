@@ -119,6 +119,10 @@ impl HubRuntime for FakeRuntime {
         self.record("device_added", format!("device_added {}", device.id))
     }
 
+    async fn hub_deleted(&self, hub_id: &str) -> Result<(), RuntimeError> {
+        self.record("hub_deleted", format!("hub_deleted {hub_id}"))
+    }
+
     async fn device_removed(&self, hub_id: &str, device_id: &str) -> Result<(), RuntimeError> {
         self.record(
             "device_removed",

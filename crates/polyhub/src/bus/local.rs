@@ -121,7 +121,13 @@ impl LocalBus {
     /// not resumed yet): its handle is cut off and the broker session (subscriptions, queue,
     /// unacknowledged messages) ends.
     async fn discard(&self, client_id: &str) {
-        self.broker.discard_local_session(client_id);
+        if !self.broker.discard_local_session(client_id)
+            && let Ok(client) = self.broker.local_client_persistent(client_id, 0)
+        {
+            // A detached network session of that id (a process parser's): resumed here only to
+            // end it.
+            client.end_session();
+        }
         let slot = self
             .persistent
             .lock()
@@ -537,6 +543,38 @@ mod tests {
         let mut device = bus.connect("device", false).await.unwrap();
         device.publish(outgoing("data/x", "1", 1)).await.unwrap();
         nothing(&mut parser).await;
+        broker.shutdown().await;
+    }
+
+    /// A hub deleted after running in process isolation: its parser's detached network
+    /// session ends too (and with it the subscription that would keep collecting).
+    #[tokio::test]
+    async fn a_non_persistent_connect_ends_a_detached_network_session_too() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let broker = broker();
+        let serving = broker.clone();
+        tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+        let network = crate::bus::MqttBus::new(address);
+        let mut child = network.connect("parser", true).await.unwrap();
+        child.subscribe(&filters(&["data/#"])).await.unwrap();
+        drop(child);
+
+        let bus = LocalBus::new(broker.clone());
+        // The network client's session may take a moment to detach.
+        let mut discarded = None;
+        for _ in 0..100 {
+            if let Ok(client) = bus.connect("parser", false).await {
+                discarded = Some(client);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(discarded.expect("the plain client takes the freed id"));
+        let mut device = bus.connect("device", false).await.unwrap();
+        device.publish(outgoing("data/x", "1", 1)).await.unwrap();
+        let mut resumed = bus.connect("parser", true).await.unwrap();
+        nothing(&mut resumed).await;
         broker.shutdown().await;
     }
 
