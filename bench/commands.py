@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,35 +102,13 @@ def device_id(index: int) -> str:
 # Child processes speaking JSON lines (devices, load generator)
 
 
-class LineProcess:
-    """A child process that prints one JSON event per line and reads words on stdin."""
+class LineProcess(broker_bench.JsonLinesProcess):
+    """A child process that prints one JSON event per line and reads words on stdin; its
+    events are its own, waited for one kind at a time."""
 
     def __init__(self, name: str, argv: list[str], cpu: int | None) -> None:
-        self.name = name
         self.events: queue.Queue = queue.Queue()
-        self.stderr_path = WORK_DIR / f"{name}.stderr"
-        self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-            bufsize=1,
-            preexec_fn=pinned(cpu),
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = {"event": "error", "message": f"unparsable output: {line.strip()}"}
-            self.events.put(event)
-        self.events.put({"event": "exit", "code": self.proc.wait()})
+        super().__init__(name, argv, self.events, cpu)
 
     def wait(self, kind: str, timeout: float, servers: list) -> dict:
         deadline = time.monotonic() + timeout
@@ -140,7 +117,7 @@ class LineProcess:
             if remaining <= 0:
                 raise BenchError(f"{self.name}: no '{kind}' within {timeout:.0f} s")
             try:
-                event = self.events.get(timeout=min(remaining, 0.5))
+                _name, event = self.events.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 for server in servers:
                     if not server.alive():
@@ -152,28 +129,6 @@ class LineProcess:
                 raise BenchError(f"{self.name}: {event.get('message')}\n{self.stderr_tail()}")
             if event.get("event") == "exit":
                 raise BenchError(f"{self.name} exited with {event.get('code')} before '{kind}'\n{self.stderr_tail()}")
-
-    def stderr_tail(self) -> str:
-        self.stderr.flush()
-        return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-15:])
-
-    def send(self, word: str) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(word + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
 
 
 def json_config(name: str, config: dict) -> str:

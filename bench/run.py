@@ -375,17 +375,16 @@ class Polyhub(Broker):
 # Generator processes
 
 
-class Generator:
-    """One loadgen.mjs process; its stdout lines (JSON events) go to a shared queue."""
+class JsonLinesProcess:
+    """A child process that prints one JSON event per line (each put on `events` as
+    `(name, event)`, then an `exit` event) and reads words on stdin."""
 
-    def __init__(self, name: str, config: dict, events: queue.Queue, cpu: int | None) -> None:
+    def __init__(self, name: str, argv: list[str], events: queue.Queue, cpu: int | None) -> None:
         self.name = name
-        path = WORK_DIR / f"{name}.json"
-        path.write_text(json.dumps(config))
         self.stderr_path = WORK_DIR / f"{name}.stderr"
         self.stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            ["node", str(LOADGEN), str(path)],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
@@ -406,6 +405,10 @@ class Generator:
             events.put((self.name, event))
         events.put((self.name, {"event": "exit", "code": self.proc.wait()}))
 
+    def stderr_tail(self) -> str:
+        self.stderr.flush()
+        return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-15:])
+
     def send(self, word: str) -> None:
         try:
             assert self.proc.stdin is not None
@@ -423,6 +426,15 @@ class Generator:
                 self.proc.kill()
                 self.proc.wait()
         self.stderr.close()
+
+
+class Generator(JsonLinesProcess):
+    """One loadgen.mjs process running `config`; its events go to a shared queue."""
+
+    def __init__(self, name: str, config: dict, events: queue.Queue, cpu: int | None) -> None:
+        path = WORK_DIR / f"{name}.json"
+        path.write_text(json.dumps(config))
+        super().__init__(name, ["node", str(LOADGEN), str(path)], events, cpu)
 
 
 def wait_events(events: queue.Queue, names: set[str], kind: str, timeout: float, broker: Broker) -> dict[str, dict]:
