@@ -39,7 +39,7 @@ use polyhub_store::{
     MAX_COMMAND_PAYLOAD, Millis, NewCommandRecord, Store, StoreError, TelemetryRow, Value,
     now_millis,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -263,6 +263,10 @@ struct Shared {
     clock: Clock,
     waiters: Arc<Waiters>,
     requests: mpsc::Sender<Request>,
+    /// Turns `true` once the dispatcher has read the unfinished commands of earlier runs.
+    /// Submissions wait for it: a command stored before that read would be both recovered
+    /// and submitted, and so sent twice.
+    recovery_read: watch::Receiver<bool>,
     submit_locks: Vec<tokio::sync::Mutex<()>>,
     lock_hasher: std::collections::hash_map::RandomState,
 }
@@ -299,6 +303,7 @@ impl CommandService {
         let waiters = Arc::new(Waiters::default());
         let (records, record_receiver) = mpsc::unbounded_channel();
         let (corrections, correction_receiver) = mpsc::unbounded_channel();
+        let (recovery_done, recovery_read) = watch::channel(false);
         let recorder = Recorder {
             store: store.clone(),
             waiters: waiters.clone(),
@@ -318,6 +323,7 @@ impl CommandService {
             index: HashMap::new(),
             expiries: BTreeSet::new(),
             blocked: BTreeSet::new(),
+            recovery_done: Some(recovery_done),
         };
         let task = tokio::spawn(dispatcher.run(
             request_receiver,
@@ -333,6 +339,7 @@ impl CommandService {
             clock,
             waiters,
             requests,
+            recovery_read,
             submit_locks: (0..LOCK_SHARDS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -399,6 +406,12 @@ impl CommandService {
             },
         };
 
+        if !*shared.recovery_read.borrow() {
+            let mut recovery_read = shared.recovery_read.clone();
+            if recovery_read.wait_for(|read| *read).await.is_err() {
+                return Err(service_stopped());
+            }
+        }
         let _order = shared.submit_locks[self.lock_shard(device_id)].lock().await;
         let created_at = shared.clock.now();
         let expires_at =
@@ -778,6 +791,8 @@ struct Dispatcher {
     expiries: BTreeSet<(Millis, String)>,
     /// Devices whose sending is paused after an unavailable client.
     blocked: BTreeSet<String>,
+    /// Tells the submissions that recovery has read the store (see `Shared::recovery_read`).
+    recovery_done: Option<watch::Sender<bool>>,
 }
 
 impl Dispatcher {
@@ -840,7 +855,12 @@ impl Dispatcher {
 
     /// Reloads what was unfinished when polyhub stopped.
     async fn recover(&mut self) {
-        let commands = match self.store.unfinished_commands().await {
+        let unfinished = self.store.unfinished_commands().await;
+        // Submissions may store commands from now on: none of theirs is in `unfinished`.
+        if let Some(recovery_done) = self.recovery_done.take() {
+            recovery_done.send_replace(true);
+        }
+        let commands = match unfinished {
             Ok(commands) => commands,
             Err(err) => {
                 tracing::error!(error = %err, "cannot reload unfinished commands; they stay stored until the next start");

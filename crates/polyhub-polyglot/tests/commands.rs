@@ -903,3 +903,88 @@ async fn many_commands_in_flight_at_once_are_all_acknowledged_and_stored() {
     let hub = Arc::into_inner(hub).expect("every task finished");
     hub.stop().await;
 }
+
+/// Submissions read the device from the store's device cache: a device changed or deleted
+/// through the store after earlier commands is seen as it is now.
+#[tokio::test]
+async fn submissions_see_device_changes_made_after_earlier_commands() {
+    let (_dir, store) = new_store().await;
+    let client = FakeClient::new(Mode::Delivered);
+    client.set_online("d1", true);
+    client.set_online("d2", true);
+    let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    hub.submit("d1", "first").await;
+    hub.submit("d2", "first").await;
+
+    let patch = polyhub_store::DevicePatch {
+        protocol: Some("coap".to_owned()),
+        ..polyhub_store::DevicePatch::default()
+    };
+    store.update_device("d1", patch).await.unwrap();
+    let moved = hub
+        .service
+        .submit("d1", request("second", json!(null), None))
+        .await
+        .unwrap_err();
+    assert_eq!(moved.http_status(), 400, "{moved}");
+    assert!(moved.to_string().contains("\"coap\""), "{moved}");
+
+    store.delete_device("d2").await.unwrap();
+    let deleted = hub
+        .service
+        .submit("d2", request("second", json!(null), None))
+        .await
+        .unwrap_err();
+    assert_eq!(deleted.http_status(), 404, "{deleted}");
+
+    let back = polyhub_store::DevicePatch {
+        protocol: Some(PROTOCOL.to_owned()),
+        ..polyhub_store::DevicePatch::default()
+    };
+    store.update_device("d1", back).await.unwrap();
+    let again = hub.submit("d1", "third").await;
+    assert_eq!(again.protocol, PROTOCOL);
+    eventually("the third command goes out", || {
+        client.sent_ids().contains(&again.id)
+    })
+    .await;
+    hub.stop().await;
+}
+
+/// A command submitted while the dispatcher is still reading the unfinished commands of
+/// earlier runs is sent once: it must not be both recovered and submitted. The race is
+/// narrow, so the test starts the service many times and submits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_submitted_during_recovery_is_sent_once() {
+    for round in 0..40 {
+        let (_dir, store) = new_store().await;
+        let client = FakeClient::new(Mode::Sent);
+        client.set_online("d1", true);
+        let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+        let submissions: Vec<_> = (0..3)
+            .map(|i| {
+                let service = hub.service.clone();
+                tokio::spawn(async move {
+                    service
+                        .submit("d1", request(&format!("r{round}c{i}"), json!(i), None))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for submission in submissions {
+            submission.await.unwrap();
+        }
+        eventually("three sends", || client.sent.lock().len() >= 3).await;
+        // Time for a second send of a command that was also recovered.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let sent = client.sent_ids();
+        let distinct: std::collections::BTreeSet<&String> = sent.iter().collect();
+        assert_eq!(
+            (sent.len(), distinct.len()),
+            (3, 3),
+            "round {round}: sent {sent:?}"
+        );
+        hub.stop().await;
+    }
+}

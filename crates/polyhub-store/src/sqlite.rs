@@ -10,15 +10,34 @@
 //! `SQLITE_BUSY`) governs waiting for writers of other processes. Reads use a small pool of
 //! separate read-only connections: under WAL they read a snapshot and never wait behind ingest.
 //!
-//! Group commit: a write first joins a queue, then takes the write connection; whoever holds
-//! the connection runs everything queued by then (up to [`MAX_WRITES_PER_COMMIT`] per
-//! transaction) in one transaction, each write inside its own savepoint, so one write's error
-//! rolls back that write only. A write returns once the transaction that carried it is
-//! committed, as before; what changes is that concurrent writers (API requests, the command
-//! service, ingest) share one commit, and so one sync, instead of queueing for one each. A lone
-//! write commits at once: batching adds no delay. (Writes stay on the blocking pool rather than
-//! on a thread of their own because tokio's paused test clock waits for blocking-pool work and
+//! Group commit: a write joins a queue; one drainer at a time (a blocking-pool task, started by
+//! the write that finds none running) takes the write connection and runs everything queued
+//! (up to [`MAX_WRITES_PER_COMMIT`] per transaction) in one transaction, each write inside its
+//! own savepoint, so one write's error rolls back that write only, and keeps going while writes
+//! keep arriving. A write returns once the transaction that carried it is committed. Concurrent
+//! writers (API requests, the command service, ingest) thus share one commit, and so one sync,
+//! and one blocking-pool hand-off, instead of each parking a pool thread on the connection's
+//! lock (that cost two context switches per write, for nothing, under load). A lone write
+//! commits at once: batching adds no delay. (The drainer stays on the blocking pool rather than
+//! on a thread of its own because tokio's paused test clock waits for blocking-pool work and
 //! not for other threads: tests of crates that use the store with paused time rely on that.)
+//!
+//! Unsynced writes in place: a [`Durability::Committed`] write (see Durability below) that finds
+//! no drainer running and the write connection free runs on the caller's thread instead: such
+//! a commit waits for no disk sync and costs about what the two context switches of a hand-off
+//! to the blocking pool cost. It starts only if SQLite's write lock is free at once (no busy
+//! wait on a runtime thread while a parser process commits ingest); otherwise, and for every
+//! synced write, the write queues for the drainer. (The writer's backstop checkpoint, below,
+//! could still run inside such a commit; it only does when the checkpointer has fallen far
+//! behind.)
+//!
+//! Device cache: [`Store::get_device`] is on the path of every command submission, so devices
+//! read are kept in memory ([`DeviceCache`]) and served without a trip to the blocking pool.
+//! Every registry write of this store that can change or remove a device (device update and
+//! delete, hub and group delete) empties the cache once it has run, and a read that raced with
+//! such a write does not put what it read into the cache (a generation counter). Devices are
+//! written only through the `polyhub run` process's store (the API and the hub manager); a
+//! parser child process never changes them.
 //!
 //! Durability: `synchronous=FULL`, so a commit syncs the WAL before the write returns. A parser
 //! acknowledges messages to the broker only after `write_batch` returns, and with `NORMAL` a
@@ -45,9 +64,11 @@ mod registry;
 mod schema;
 mod telemetry;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
@@ -81,7 +102,7 @@ impl Default for SqliteConfig {
 }
 
 /// Prepared statements kept per connection; the ingest path and every query shape fit.
-const STATEMENT_CACHE_CAPACITY: usize = 64;
+const STATEMENT_CACHE_CAPACITY: usize = 128;
 
 /// Page cache of the write connection, in KiB (allocated as pages are used, not up front).
 const WRITER_CACHE_KIB: i64 = 64 * 1024;
@@ -106,6 +127,20 @@ const BACKSTOP_CHECKPOINT_PAGES: i64 = 20_000;
 /// The savepoint that isolates each write of a batch.
 const WRITE_SAVEPOINT: &str = "polyhub_write";
 
+// The statements every write or batch runs, spelled once so that they are prepared once (and
+// kept in the connection's statement cache) instead of parsed for each write.
+const SAVEPOINT_SQL: &str = "SAVEPOINT polyhub_write";
+const RELEASE_SQL: &str = "RELEASE polyhub_write";
+const BEGIN_SQL: &str = "BEGIN IMMEDIATE";
+const COMMIT_SQL: &str = "COMMIT";
+const SYNCED_SQL: &str = "PRAGMA synchronous = FULL";
+const COMMITTED_SQL: &str = "PRAGMA synchronous = NORMAL";
+
+/// Runs one statement that returns no rows through the statement cache.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.raw_execute().map(|_| ())
+}
+
 /// The SQLite-backed [`crate::Store`]. Cheap to clone; clones share the connections.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -117,7 +152,11 @@ struct Shared {
     busy_timeout: Duration,
     /// Writes waiting for the write connection (see the module docs on group commit).
     queued_writes: Mutex<Vec<Box<dyn PendingWrite>>>,
+    /// Whether a drainer is running (or about to): only then may a write rely on someone else
+    /// to run it.
+    draining: AtomicBool,
     writer: Mutex<Writer>,
+    devices: Mutex<DeviceCache>,
     idle_readers: Mutex<Vec<Connection>>,
     /// Dropped with the store, which tells the checkpointer thread to end.
     _checkpointer: mpsc::Sender<()>,
@@ -145,7 +184,7 @@ trait PendingWrite: Send {
     fn durability(&self) -> Durability;
     /// Runs the operation inside the batch's transaction, in its own savepoint. The answer goes
     /// out only once the commit's outcome is known, through the returned value.
-    fn run(self: Box<Self>, tx: &Transaction<'_>) -> Result<Box<dyn Settle>, BatchAborted>;
+    fn run(self: Box<Self>, tx: &Connection) -> Result<Box<dyn Settle>, BatchAborted>;
     /// The batch could not run: answers with `error`.
     fn abandon(self: Box<Self>, error: StoreError);
 }
@@ -179,9 +218,9 @@ where
         self.durability
     }
 
-    fn run(self: Box<Self>, tx: &Transaction<'_>) -> Result<Box<dyn Settle>, BatchAborted> {
+    fn run(self: Box<Self>, tx: &Connection) -> Result<Box<dyn Settle>, BatchAborted> {
         let WriteRequest { op, reply, .. } = *self;
-        if let Err(err) = tx.execute_batch(&format!("SAVEPOINT {WRITE_SAVEPOINT}")) {
+        if let Err(err) = run_cached(tx, SAVEPOINT_SQL) {
             let error = StoreError::from(err);
             let _ = reply.send(Err(copy_error(&error)));
             return Err(BatchAborted(error));
@@ -193,11 +232,13 @@ where
             ))
         });
         let end = if result.is_ok() {
-            format!("RELEASE {WRITE_SAVEPOINT}")
+            run_cached(tx, RELEASE_SQL)
         } else {
-            format!("ROLLBACK TO {WRITE_SAVEPOINT}; RELEASE {WRITE_SAVEPOINT}")
+            tx.execute_batch(&format!(
+                "ROLLBACK TO {WRITE_SAVEPOINT}; RELEASE {WRITE_SAVEPOINT}"
+            ))
         };
-        if let Err(err) = tx.execute_batch(&end) {
+        if let Err(err) = end {
             let error = StoreError::from(err);
             let _ = reply.send(Err(copy_error(&error)));
             return Err(BatchAborted(error));
@@ -263,48 +304,78 @@ fn run_queued_writes(writer: &mut Writer, queued: &Mutex<Vec<Box<dyn PendingWrit
         if batch.is_empty() {
             return;
         }
-        let durability = if batch
-            .iter()
-            .any(|write| write.durability() == Durability::Synced)
-        {
-            Durability::Synced
-        } else {
-            Durability::Committed
-        };
-        if durability != writer.synchronous {
-            let level = match durability {
-                Durability::Synced => "FULL",
-                Durability::Committed => "NORMAL",
-            };
-            if let Err(err) = writer.conn.pragma_update(None, "synchronous", level) {
-                let error = StoreError::from(err);
-                for write in batch {
-                    write.abandon(copy_error(&error));
-                }
-                continue;
-            }
-            writer.synchronous = durability;
-        }
-        run_batch(&mut writer.conn, batch);
+        run_batch(writer, batch);
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Box<dyn PendingWrite>>) {
-    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(err) => {
-            let error = StoreError::from(err);
-            for write in batch {
-                write.abandon(copy_error(&error));
-            }
-            return;
-        }
+/// Runs `batch` in one transaction, at the `synchronous` level its writes need.
+fn run_batch(writer: &mut Writer, batch: Vec<Box<dyn PendingWrite>>) {
+    let durability = if batch
+        .iter()
+        .any(|write| write.durability() == Durability::Synced)
+    {
+        Durability::Synced
+    } else {
+        Durability::Committed
     };
+    let begun = set_synchronous(writer, durability)
+        .and_then(|()| run_cached(&writer.conn, BEGIN_SQL).map_err(StoreError::from));
+    if let Err(error) = begun {
+        for write in batch {
+            write.abandon(copy_error(&error));
+        }
+        return;
+    }
+    run_in_transaction(&writer.conn, batch);
+}
+
+/// Runs one unsynced write on the caller's thread, if it can start at once; gives it back
+/// otherwise. The caller is a runtime thread, so this never waits: not for a sync (the write
+/// has none) and not for another process's write lock (SQLite's busy handler is off for the
+/// `BEGIN`; a process-isolated parser may be committing ingest into the same file).
+fn try_run_unsynced_now(
+    writer: &mut Writer,
+    write: Box<dyn PendingWrite>,
+    busy_timeout: Duration,
+) -> Option<Box<dyn PendingWrite>> {
+    if set_synchronous(writer, Durability::Committed).is_err() {
+        return Some(write);
+    }
+    let conn = &writer.conn;
+    let begun = conn
+        .busy_timeout(Duration::ZERO)
+        .and_then(|()| run_cached(conn, BEGIN_SQL));
+    if let Err(err) = conn.busy_timeout(busy_timeout) {
+        tracing::warn!(error = %err, "cannot restore the write connection's busy timeout");
+    }
+    if begun.is_err() {
+        return Some(write);
+    }
+    run_in_transaction(conn, vec![write]);
+    None
+}
+
+/// Sets the write connection's `synchronous` level for the next transaction.
+fn set_synchronous(writer: &mut Writer, durability: Durability) -> Result<(), StoreError> {
+    if durability != writer.synchronous {
+        let level = match durability {
+            Durability::Synced => SYNCED_SQL,
+            Durability::Committed => COMMITTED_SQL,
+        };
+        run_cached(&writer.conn, level)?;
+        writer.synchronous = durability;
+    }
+    Ok(())
+}
+
+/// Runs `batch` in the transaction just begun on `conn`, each write in its savepoint, and
+/// commits it (or rolls it back when a write could not even be attempted).
+fn run_in_transaction(conn: &Connection, batch: Vec<Box<dyn PendingWrite>>) {
     let mut settles = Vec::with_capacity(batch.len());
     let mut writes = batch.into_iter();
     let mut aborted = None;
     for write in writes.by_ref() {
-        match write.run(&tx) {
+        match write.run(conn) {
             Ok(settle) => settles.push(settle),
             Err(BatchAborted(error)) => {
                 aborted = Some(error);
@@ -314,17 +385,29 @@ fn run_batch(conn: &mut Connection, batch: Vec<Box<dyn PendingWrite>>) {
     }
     let commit = match aborted {
         Some(error) => {
-            // Dropping the transaction rolls it back.
-            drop(tx);
+            roll_back(conn);
             for write in writes {
                 write.abandon(copy_error(&error));
             }
             Err(error)
         }
-        None => tx.commit().map_err(StoreError::from),
+        None => run_cached(conn, COMMIT_SQL).map_err(|err| {
+            // A failed COMMIT (say, busy) leaves the transaction open.
+            roll_back(conn);
+            StoreError::from(err)
+        }),
     };
     for settle in settles {
         settle.settle(commit.as_ref().map(|_| ()));
+    }
+}
+
+/// Ends the open transaction, if any, undoing it.
+fn roll_back(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(err) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::warn!(error = %err, "cannot roll back a failed write transaction");
     }
 }
 
@@ -378,6 +461,8 @@ impl SqliteStore {
                 path,
                 busy_timeout,
                 queued_writes: Mutex::new(Vec::new()),
+                draining: AtomicBool::new(false),
+                devices: Mutex::new(DeviceCache::default()),
                 writer: Mutex::new(Writer {
                     conn: writer,
                     synchronous: Durability::Synced,
@@ -416,17 +501,57 @@ impl SqliteStore {
             op,
             reply,
         };
-        let shared = Arc::clone(&self.shared);
-        run_blocking(move || {
-            shared.queued_writes.lock().push(Box::new(request));
-            // Ours is queued: either an earlier holder of the connection runs it (and has
-            // answered it by the time it lets go), or we do.
-            let mut writer = shared.writer.lock();
-            run_queued_writes(&mut writer, &shared.queued_writes);
-            Ok(())
-        })
-        .await?;
+        let request: Box<dyn PendingWrite> = Box::new(request);
+        // An unsynced write costs no wait for the disk: when nobody is writing, running it
+        // here saves the hand-off to the blocking pool and back (two context switches, more
+        // than the write itself costs). Synced writes, and any write while the connection is
+        // busy, go the usual way, so this never holds up the runtime for a sync.
+        let request = if durability == Durability::Committed
+            && !self.shared.draining.load(Ordering::SeqCst)
+        {
+            match self.shared.writer.try_lock() {
+                Some(mut writer) => {
+                    try_run_unsynced_now(&mut writer, request, self.shared.busy_timeout)
+                }
+                None => Some(request),
+            }
+        } else {
+            Some(request)
+        };
+        let Some(request) = request else {
+            return answer.await.unwrap_or_else(|_| Err(write_lost()));
+        };
+        self.shared.queued_writes.lock().push(request);
+        // Ours is queued: a running drainer takes it (it looks at the queue again after it
+        // stopped draining, see `Drainer::run`), or we start one.
+        if !self.shared.draining.swap(true, Ordering::SeqCst) {
+            let drainer = Drainer {
+                shared: Arc::clone(&self.shared),
+                ran: false,
+            };
+            // Not awaited: the answer comes through `answer`, which also tells of a drainer
+            // that never ran (see `Drainer`'s `Drop`).
+            drop(tokio::task::spawn_blocking(move || drainer.run()));
+        }
         answer.await.unwrap_or_else(|_| Err(write_lost()))
+    }
+
+    /// Forgets every cached device after a registry write that may have changed some; see
+    /// [`DeviceCache`].
+    fn devices_changed(&self) {
+        self.shared.devices.lock().clear();
+    }
+
+    /// Runs a registry write that can change or remove devices, then empties the device cache
+    /// (whatever the outcome: a failed write changed nothing, but forgetting is always safe).
+    async fn write_devices<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let result = self.write(op).await;
+        self.devices_changed();
+        result
     }
 
     /// Runs `op` in one read transaction (one consistent snapshot) on a pooled read connection.
@@ -457,6 +582,82 @@ impl SqliteStore {
             result
         })
         .await
+    }
+}
+
+/// The one task that runs queued writes (see the module docs on group commit).
+struct Drainer {
+    shared: Arc<Shared>,
+    /// Whether `run` was called: a drainer dropped without running (the runtime shutting
+    /// down) must not leave the writes it was started for unanswered.
+    ran: bool,
+}
+
+impl Drainer {
+    fn run(mut self) {
+        self.ran = true;
+        let shared = &self.shared;
+        loop {
+            {
+                let mut writer = shared.writer.lock();
+                run_queued_writes(&mut writer, &shared.queued_writes);
+            }
+            shared.draining.store(false, Ordering::SeqCst);
+            // A write queued after the queue was last seen empty but before `draining` was
+            // cleared found a drainer running and started none: it is ours, unless a newer
+            // drainer already claimed it.
+            if shared.queued_writes.lock().is_empty()
+                || shared.draining.swap(true, Ordering::SeqCst)
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        if self.ran {
+            return;
+        }
+        let abandoned: Vec<Box<dyn PendingWrite>> =
+            std::mem::take(&mut *self.shared.queued_writes.lock());
+        self.shared.draining.store(false, Ordering::SeqCst);
+        for write in abandoned {
+            write.abandon(StoreError::Unavailable(
+                "the store's writer could not run (shutting down)".to_owned(),
+            ));
+        }
+    }
+}
+
+/// Devices as last read, for [`Store::get_device`] (see the module docs).
+#[derive(Default)]
+struct DeviceCache {
+    by_id: HashMap<String, Device>,
+    /// Bumped by every [`DeviceCache::clear`]: a read that started under an older generation
+    /// may have read what a registry write has since changed, so it is not kept.
+    generation: u64,
+}
+
+/// Devices kept at most; past that the cache starts again empty (fleets beyond it pay a read
+/// per command for the devices not kept, nothing more).
+const MAX_CACHED_DEVICES: usize = 100_000;
+
+impl DeviceCache {
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    fn keep(&mut self, device: &Device, read_under: u64) {
+        if self.generation != read_under {
+            return;
+        }
+        if self.by_id.len() >= MAX_CACHED_DEVICES {
+            self.by_id.clear();
+        }
+        self.by_id.insert(device.id.clone(), device.clone());
     }
 }
 
@@ -583,7 +784,8 @@ impl Store for SqliteStore {
     async fn delete_group(&self, id: &str) -> Result<(), StoreError> {
         validate_id("group", id)?;
         let id = id.to_owned();
-        self.write(move |tx| registry::delete_group(tx, &id)).await
+        self.write_devices(move |tx| registry::delete_group(tx, &id))
+            .await
     }
 
     async fn create_hub(&self, hub: NewHub) -> Result<Hub, StoreError> {
@@ -624,7 +826,8 @@ impl Store for SqliteStore {
     async fn delete_hub(&self, id: &str) -> Result<(), StoreError> {
         validate_id("hub", id)?;
         let id = id.to_owned();
-        self.write(move |tx| registry::delete_hub(tx, &id)).await
+        self.write_devices(move |tx| registry::delete_hub(tx, &id))
+            .await
     }
 
     async fn create_device(&self, device: NewDevice) -> Result<Device, StoreError> {
@@ -634,8 +837,17 @@ impl Store for SqliteStore {
 
     async fn get_device(&self, id: &str) -> Result<Device, StoreError> {
         validate_id("device", id)?;
+        let read_under = {
+            let cache = self.shared.devices.lock();
+            if let Some(device) = cache.by_id.get(id) {
+                return Ok(device.clone());
+            }
+            cache.generation
+        };
         let id = id.to_owned();
-        self.read(move |tx| registry::get_device(tx, &id)).await
+        let device = self.read(move |tx| registry::get_device(tx, &id)).await?;
+        self.shared.devices.lock().keep(&device, read_under);
+        Ok(device)
     }
 
     async fn list_devices(&self, query: ListQuery) -> Result<Vec<Device>, StoreError> {
@@ -649,14 +861,15 @@ impl Store for SqliteStore {
     async fn update_device(&self, id: &str, patch: DevicePatch) -> Result<Device, StoreError> {
         validate_id("device", id)?;
         let id = id.to_owned();
-        self.write(move |tx| registry::update_device(tx, &id, patch))
+        self.write_devices(move |tx| registry::update_device(tx, &id, patch))
             .await
     }
 
     async fn delete_device(&self, id: &str) -> Result<(), StoreError> {
         validate_id("device", id)?;
         let id = id.to_owned();
-        self.write(move |tx| registry::delete_device(tx, &id)).await
+        self.write_devices(move |tx| registry::delete_device(tx, &id))
+            .await
     }
 
     async fn write_batch(&self, batch: IngestBatch) -> Result<BatchOutcome, StoreError> {
@@ -950,6 +1163,189 @@ mod tests {
             }))
             .unwrap();
         assert_eq!(stored, vec![0, 1, 2, 4, 5, 6, 8, 9]);
+    }
+
+    /// An unsynced write that finds the connection free runs on the caller's thread (no
+    /// hand-off); one that finds it busy waits its turn without holding up the caller's
+    /// runtime; a synced write never runs on the caller's thread.
+    #[test]
+    fn unsynced_writes_run_in_place_only_when_the_writer_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let caller = std::thread::current().id();
+        let thread_of = |durability| {
+            runtime
+                .block_on(store.write_with(durability, |_| Ok(std::thread::current().id())))
+                .unwrap()
+        };
+        assert_eq!(thread_of(Durability::Committed), caller);
+        assert_ne!(thread_of(Durability::Synced), caller);
+
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
+        let blocking_store = store.clone();
+        let ran_on = runtime.block_on(async {
+            let blocker = tokio::spawn(async move {
+                blocking_store
+                    .write(move |_| {
+                        let _ = started.send(());
+                        let _ = released.recv_timeout(Duration::from_secs(10));
+                        Ok(())
+                    })
+                    .await
+            });
+            running.await.unwrap();
+            let queued_store = store.clone();
+            let queued = tokio::spawn(async move {
+                queued_store
+                    .write_with(Durability::Committed, |_| Ok(std::thread::current().id()))
+                    .await
+            });
+            // The one runtime thread is still free: the queued write does not block it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!queued.is_finished(), "ran while the writer was busy");
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            queued.await.unwrap().unwrap()
+        });
+        assert_ne!(
+            ran_on, caller,
+            "a write queued behind a busy writer runs in the drainer"
+        );
+    }
+
+    /// Another process holding SQLite's write lock (a process-isolated parser committing
+    /// ingest) does not make an unsynced write wait on the caller's runtime thread: the write
+    /// goes to the drainer, which waits for the lock, and lands once it is released.
+    #[test]
+    fn an_unsynced_write_does_not_wait_for_another_process_on_the_callers_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(store.write(|conn| {
+                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
+                Ok(())
+            }))
+            .unwrap();
+        let other_process = Connection::open(store.path()).unwrap();
+        other_process.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        let caller = std::thread::current().id();
+        let (ran_on, waited_in_place) = runtime.block_on(async {
+            let queued_store = store.clone();
+            let write = tokio::spawn(async move {
+                queued_store
+                    .write_with(Durability::Committed, |conn| {
+                        conn.execute("INSERT INTO t (n) VALUES (1)", [])?;
+                        Ok(std::thread::current().id())
+                    })
+                    .await
+            });
+            // The runtime's one thread stays free while the other process holds the lock.
+            let started = std::time::Instant::now();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let waited_in_place = started.elapsed() > Duration::from_millis(1_000);
+            assert!(
+                !write.is_finished(),
+                "wrote while another process held the lock"
+            );
+            other_process.execute_batch("COMMIT").unwrap();
+            (write.await.unwrap().unwrap(), waited_in_place)
+        });
+        assert!(!waited_in_place, "the runtime thread was held up");
+        assert_ne!(ran_on, caller, "the write waited on the caller's thread");
+        let count: i64 =
+            runtime
+                .block_on(store.read(|conn| {
+                    Ok(conn.query_row("SELECT count(*) FROM t", [], |row| row.get(0))?)
+                }))
+                .unwrap();
+        assert_eq!(count, 1);
+    }
+
+    /// Many writers at once, from many tasks: each is answered, once, with its own result,
+    /// and nothing is left queued or any drainer left claimed.
+    #[test]
+    fn a_storm_of_writes_is_answered_and_leaves_no_drainer_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
+        let runtime = runtime();
+        runtime
+            .block_on(store.write(|conn| {
+                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
+                Ok(())
+            }))
+            .unwrap();
+        let answers = runtime.block_on(async {
+            let mut writes = Vec::new();
+            for n in 0..500_i64 {
+                let store = store.clone();
+                let durability = if n % 3 == 0 {
+                    Durability::Committed
+                } else {
+                    Durability::Synced
+                };
+                writes.push(tokio::spawn(async move {
+                    if n % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    store
+                        .write_with(durability, move |conn| {
+                            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
+                            Ok(n)
+                        })
+                        .await
+                }));
+            }
+            let mut answers = Vec::new();
+            for write in writes {
+                answers.push(write.await.unwrap().unwrap());
+            }
+            answers
+        });
+        assert_eq!(answers, (0..500).collect::<Vec<i64>>());
+        let count: i64 =
+            runtime
+                .block_on(store.read(|conn| {
+                    Ok(conn.query_row("SELECT count(*) FROM t", [], |row| row.get(0))?)
+                }))
+                .unwrap();
+        assert_eq!(count, 500);
+        assert!(store.shared.queued_writes.lock().is_empty());
+        assert!(!store.shared.draining.load(Ordering::SeqCst));
+    }
+
+    /// A read that started before a registry write finished may hold the old device: the
+    /// cache does not keep it.
+    #[test]
+    fn the_device_cache_keeps_no_read_older_than_the_last_change() {
+        let device = Device {
+            id: "d1".to_owned(),
+            hub_id: "h1".to_owned(),
+            name: "d1".to_owned(),
+            protocol: "mqtt".to_owned(),
+            metadata: serde_json::json!({}),
+            created_at: 1,
+            updated_at: 1,
+        };
+        let mut cache = DeviceCache::default();
+        let read_under = cache.generation;
+        cache.clear();
+        cache.keep(&device, read_under);
+        assert!(
+            cache.by_id.is_empty(),
+            "a read from before the change was kept"
+        );
+        cache.keep(&device, cache.generation);
+        assert_eq!(cache.by_id.get("d1"), Some(&device));
     }
 
     #[test]

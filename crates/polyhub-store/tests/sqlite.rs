@@ -1217,3 +1217,33 @@ proptest! {
         });
     }
 }
+
+/// Devices are served from memory after the first read (see the store's docs): every change
+/// made through the store shows at once all the same.
+#[tokio::test]
+async fn device_reads_follow_updates_deletes_and_recreation() {
+    let (_dir, store) = new_store();
+    registry(&store).await;
+    store.create_hub(new_hub("h2", "g1")).await.unwrap();
+    let first = store.get_device("d1").await.unwrap();
+    assert_eq!(store.get_device("d1").await.unwrap(), first);
+
+    let patch = DevicePatch {
+        protocol: Some("xmpp".to_owned()),
+        metadata: Some(serde_json::json!({"jid": "d1@example.org"})),
+        ..DevicePatch::default()
+    };
+    let updated = store.update_device("d1", patch).await.unwrap();
+    let read = store.get_device("d1").await.unwrap();
+    assert_eq!(read, updated);
+    assert_eq!(read.protocol, "xmpp");
+    assert_eq!(read.metadata, serde_json::json!({"jid": "d1@example.org"}));
+
+    store.delete_device("d1").await.unwrap();
+    assert_err!(store.get_device("d1").await, NotFound);
+
+    store.create_device(new_device("d1", "h2")).await.unwrap();
+    assert_eq!(store.get_device("d1").await.unwrap().hub_id, "h2");
+    // A device another one's change did not touch is still right.
+    assert_eq!(store.get_device("d2").await.unwrap().hub_id, "h1");
+}

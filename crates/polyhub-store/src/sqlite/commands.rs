@@ -208,23 +208,28 @@ pub(super) fn create_command(
     let seq: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM commands WHERE device_id = ?1")?
         .query_row([&command.device_id], |row| row.get(0))?;
-    conn.prepare_cached(
+    // The row comes back from the insert itself: no second lookup.
+    conn.prepare_cached(&format!(
         "INSERT INTO commands (id, device_id, hub_id, protocol, name, payload, seq, state,
                                created_at, expires_at, attempts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, 0)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?9, 0)
+         RETURNING {COMMAND_COLUMNS}"
+    ))?
+    .query_row(
+        params![
+            command.id,
+            command.device_id,
+            command.hub_id,
+            command.protocol,
+            command.name,
+            payload,
+            seq,
+            command.created_at,
+            command.expires_at
+        ],
+        CommandRecord::from_row,
     )?
-    .execute(params![
-        command.id,
-        command.device_id,
-        command.hub_id,
-        command.protocol,
-        command.name,
-        payload,
-        seq,
-        command.created_at,
-        command.expires_at
-    ])?;
-    get_command(conn, &command.id)
+    .into_command()
 }
 
 fn find_command(conn: &Connection, id: &str) -> Result<Option<Command>, StoreError> {
@@ -342,14 +347,25 @@ pub(super) fn transition_command(
     conn: &Connection,
     change: &CommandTransition,
 ) -> Result<Command, StoreError> {
-    let current = get_command(conn, &change.id)?;
+    // Only the state is needed to decide; the whole row comes back from the update.
+    let current_state: Option<String> = conn
+        .prepare_cached("SELECT state FROM commands WHERE id = ?1")?
+        .query_row([&change.id], |row| row.get(0))
+        .optional()?;
+    let Some(current_state) = current_state else {
+        return Err(StoreError::NotFound(format!(
+            "command {:?} not found",
+            change.id
+        )));
+    };
+    let current_state = parse_state(&change.id, &current_state)?;
     // A final state is final whatever `from` says: a late event (a reply after a cancel, a
     // receipt after an expiry) must never revive a command.
-    if current.state.is_final() || !change.from.contains(&current.state) {
+    if current_state.is_final() || !change.from.contains(&current_state) {
         return Err(StoreError::Conflict(format!(
             "command {:?} is {}, not {}",
             change.id,
-            state_text(current.state),
+            state_text(current_state),
             if change.from.is_empty() {
                 "in any expected state".to_owned()
             } else {
@@ -374,7 +390,7 @@ pub(super) fn transition_command(
     // `queued` → `delivered` is a send the transport confirmed at once (the embedded broker
     // routed it to the connected device): one step that also records the send.
     let sent_and_delivered =
-        change.to == CommandState::Delivered && current.state == CommandState::Queued;
+        change.to == CommandState::Delivered && current_state == CommandState::Queued;
     let attempts_increment = i64::from(change.to == CommandState::Sent || sent_and_delivered);
     let mut timestamp_update = match timestamp_column {
         Some(column) => format!(", {column} = ?3"),
@@ -397,24 +413,29 @@ pub(super) fn transition_command(
                  reason = COALESCE(?4, reason),
                  reply = COALESCE(?5, reply),
                  attempts = attempts + ?6
-             WHERE id = ?1 AND state = ?7"
+             WHERE id = ?1 AND state = ?7
+             RETURNING {COMMAND_COLUMNS}"
         ))?
-        .execute(params![
-            change.id,
-            state_text(change.to),
-            change.at,
-            change.reason,
-            reply,
-            attempts_increment,
-            state_text(current.state)
-        ])?;
-    if updated != 1 {
-        return Err(StoreError::Conflict(format!(
+        .query_row(
+            params![
+                change.id,
+                state_text(change.to),
+                change.at,
+                change.reason,
+                reply,
+                attempts_increment,
+                state_text(current_state)
+            ],
+            CommandRecord::from_row,
+        )
+        .optional()?;
+    match updated {
+        Some(record) => record.into_command(),
+        None => Err(StoreError::Conflict(format!(
             "command {:?} changed state concurrently",
             change.id
-        )));
+        ))),
     }
-    get_command(conn, &change.id)
 }
 
 pub(super) fn unfinished_commands(conn: &Connection) -> Result<Vec<Command>, StoreError> {
