@@ -1032,6 +1032,30 @@ mod tests {
         .unwrap()
     }
 
+    /// Occupies the store's writer with a write that lasts until the returned sender is used;
+    /// returns once that write runs.
+    async fn occupy_writer(
+        store: &SqliteStore,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
+        let blocking_store = store.clone();
+        let blocker = tokio::spawn(async move {
+            blocking_store
+                .write(move |_| {
+                    let _ = started.send(());
+                    let _ = released.recv_timeout(Duration::from_secs(10));
+                    Ok(())
+                })
+                .await
+        });
+        running.await.unwrap();
+        (blocker, release)
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -1096,20 +1120,8 @@ mod tests {
             .unwrap();
         // Hold the writer thread busy so that the writes below queue up behind it and are
         // taken as one batch.
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let blocking_store = store.clone();
-        let (started, running) = oneshot::channel::<()>();
         let results = runtime.block_on(async {
-            let blocker = tokio::spawn(async move {
-                blocking_store
-                    .write(move |_| {
-                        let _ = started.send(());
-                        let _ = released.recv_timeout(Duration::from_secs(10));
-                        Ok(())
-                    })
-                    .await
-            });
-            running.await.unwrap();
+            let (blocker, release) = occupy_writer(&store).await;
             let mut writes = Vec::new();
             for n in 0..10_i64 {
                 let store = store.clone();
@@ -1185,20 +1197,8 @@ mod tests {
         assert_eq!(thread_of(Durability::Committed), caller);
         assert_ne!(thread_of(Durability::Synced), caller);
 
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let (started, running) = oneshot::channel::<()>();
-        let blocking_store = store.clone();
         let ran_on = runtime.block_on(async {
-            let blocker = tokio::spawn(async move {
-                blocking_store
-                    .write(move |_| {
-                        let _ = started.send(());
-                        let _ = released.recv_timeout(Duration::from_secs(10));
-                        Ok(())
-                    })
-                    .await
-            });
-            running.await.unwrap();
+            let (blocker, release) = occupy_writer(&store).await;
             let queued_store = store.clone();
             let queued = tokio::spawn(async move {
                 queued_store
