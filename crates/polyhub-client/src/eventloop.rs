@@ -544,7 +544,8 @@ impl EventLoop {
             if encode(&disconnect, version, &mut connection.io.write_buf).is_ok() {
                 let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
                     connection.io.flush().await?;
-                    connection.io.stream.shutdown().await
+                    connection.io.stream.shutdown().await?;
+                    drain_until_closed(&mut connection.io.stream).await
                 })
                 .await;
                 if !matches!(closed, Ok(Ok(()))) {
@@ -589,6 +590,24 @@ impl EventLoop {
             }
         }
         self.state.shut_down();
+    }
+}
+
+/// Reads and drops whatever still arrives until the broker closes the connection (it does on
+/// DISCONNECT). Closing a socket with unread input makes the kernel reset the connection, and
+/// a reset can discard what was sent last and not yet read by the broker: the PUBACKs and the
+/// DISCONNECT itself, which would turn a clean disconnect into an abnormal one (will sent,
+/// messages delivered again).
+async fn drain_until_closed(stream: &mut Transport) -> io::Result<()> {
+    let mut scratch = [0_u8; 2048];
+    loop {
+        match stream.read(&mut scratch).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // A TLS peer that closes without close_notify: closed all the same.
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(error) => return Err(error),
+        }
     }
 }
 

@@ -652,3 +652,53 @@ async fn a_caller_driven_event_loop_serves_requests_while_polled() {
     })
     .await;
 }
+
+/// A clean disconnect waits for the broker to close and reads what still arrives meanwhile:
+/// closing with unread input would reset the connection, and a reset can discard the last
+/// packets sent (the DISCONNECT among them) before the broker reads them.
+#[tokio::test]
+async fn a_disconnect_reads_until_the_broker_closes_and_never_resets() {
+    bounded(async {
+        let (client, _events, mut peer, _, _listener) =
+            connected_pair(ProtocolVersion::V311, Properties::default(), |options| {
+                options
+            })
+            .await;
+        let disconnecting = tokio::spawn(async move { client.disconnect().await });
+        assert!(matches!(
+            peer.recv_significant().await,
+            Some(Packet::Disconnect(_))
+        ));
+        // Input the client has not read when it is done writing.
+        let late = Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "late".into(),
+            packet_id: 0,
+            payload: Bytes::from_static(b"x"),
+            properties: Properties::default(),
+        });
+        for _ in 0..3 {
+            peer.send(late.clone()).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(
+            !disconnecting.is_finished(),
+            "the client closed before the broker did"
+        );
+        // No reset came back: the connection still takes bytes.
+        let mut out = BytesMut::new();
+        encode(&late, peer.version, &mut out).expect("encode");
+        peer.stream
+            .write_all(&out)
+            .await
+            .expect("the client did not reset the connection");
+        drop(peer);
+        let done = tokio::time::timeout(WAIT, disconnecting)
+            .await
+            .expect("the disconnect ends once the broker closes");
+        assert_eq!(done.expect("join"), Ok(()));
+    })
+    .await;
+}
