@@ -12,6 +12,9 @@ Contenders (servers on CPU 1; devices, load generator and this driver on CPU 0):
   answer every command by the hub reply convention (docs/commands.md).
 - `relay-mqtt`: the usual way, as a baseline: Mosquitto plus bench/command_relay.py (stdlib HTTP
   server, paho-mqtt, sqlite3 command state), with the same devices and load.
+- `floor-mqtt`: the harness's floor, a reference rather than a contender: Mosquitto plus
+  bench/command_floor.mjs (node:http and MQTT.js, nothing stored), with the same devices and
+  load: the least latency any server can show in this harness on this machine.
 - `polyhub-xmpp`: Prosody on loopback with 1,001 accounts (the hub's and the devices'), polyhub
   with a `[polyglot.xmpp]` section, 1,000 devices of protocol `xmpp`; slixmpp devices
   (bench/command_xmpp_devices.py, several processes) send the receipt, then the reply.
@@ -70,6 +73,7 @@ WORK_DIR = broker_bench.WORK_DIR
 DEVICES_MJS = BENCH_DIR / "command_devices.mjs"
 LOAD_MJS = BENCH_DIR / "command_load.mjs"
 RELAY_PY = BENCH_DIR / "command_relay.py"
+FLOOR_MJS = BENCH_DIR / "command_floor.mjs"
 XMPP_DEVICES_PY = BENCH_DIR / "command_xmpp_devices.py"
 LOCK_FILE = Path("/tmp/bench.lock")
 
@@ -91,7 +95,7 @@ HONO_RATE = 300
 # again, at most this many times.
 MAX_RERUNS = 2
 
-CONTENDERS = ("polyhub-mqtt", "relay-mqtt", "polyhub-xmpp", "polyhub-mqtt-before")
+CONTENDERS = ("polyhub-mqtt", "relay-mqtt", "floor-mqtt", "polyhub-xmpp", "polyhub-mqtt-before")
 
 
 def device_id(index: int) -> str:
@@ -172,23 +176,22 @@ class RelayPipeline(Mosquitto):
 
     def start_relay(self) -> None:
         self.http_port = free_port()
-        self.relay = LineProcess(
-            f"{self.label}-relay",
-            [
-                sys.executable,
-                str(RELAY_PY),
-                "--mqtt-port",
-                str(self.port),
-                "--http-port",
-                str(self.http_port),
-                "--db",
-                str(self.scratch / "relay.sqlite"),
-                "--hub",
-                HUB_ID,
-            ],
-            self.cpu,
-        )
+        self.relay = LineProcess(f"{self.label}-relay", self.relay_argv(), self.cpu)
         self.relay.wait("ready", 20, [self])
+
+    def relay_argv(self) -> list[str]:
+        return [
+            sys.executable,
+            str(RELAY_PY),
+            "--mqtt-port",
+            str(self.port),
+            "--http-port",
+            str(self.http_port),
+            "--db",
+            str(self.scratch / "relay.sqlite"),
+            "--hub",
+            HUB_ID,
+        ]
 
     def server_pids(self) -> list[int]:
         pids = [self.pid]
@@ -204,6 +207,16 @@ class RelayPipeline(Mosquitto):
             self.relay.stop()
             self.relay = None
         super().stop()
+
+
+class FloorPipeline(RelayPipeline):
+    """Mosquitto plus bench/command_floor.mjs (nothing stored), both on the server CPU."""
+
+    kind = "floor"
+
+    def relay_argv(self) -> list[str]:
+        config = {"mqtt_port": self.port, "http_port": self.http_port, "hub": HUB_ID}
+        return ["node", str(FLOOR_MJS), json_config(f"{self.label}-floor", config)]
 
 
 class Prosody:
@@ -515,13 +528,14 @@ def run_contender(contender: str, plan: Plan, settings: Settings, args: argparse
     device_procs: list[LineProcess] = []
     record: dict = {"contender": contender, "phases": []}
     try:
-        if contender == "relay-mqtt":
-            server = RelayPipeline(label, BROKER_CPU, args.mosquitto_bin)
+        if contender in ("relay-mqtt", "floor-mqtt"):
+            pipeline = FloorPipeline if contender == "floor-mqtt" else RelayPipeline
+            server = pipeline(label, BROKER_CPU, args.mosquitto_bin)
             server.start()
             servers.append(server)
             server.start_relay()
             base_url = f"http://127.0.0.1:{server.http_port}"
-            pid_labels = {server.pid: "mosquitto", server.relay.proc.pid: "relay"}
+            pid_labels = {server.pid: "mosquitto", server.relay.proc.pid: server.kind}
             record["setup_s"] = 0.0
             device_procs = [mqtt_devices(label, server.port, settings)]
         else:
@@ -687,6 +701,16 @@ def evaluate_targets(report: dict) -> list[dict]:
                     ok=None if factor is None else factor > 1,
                 )
             )
+    floor = report["summary"].get("floor-mqtt", {}).get(str(TARGET_RATE))
+    if floor is not None and at_target is not None:
+        targets.append(
+            dict(
+                target=f"context: the harness's floor at {TARGET_RATE:,} commands/s (Mosquitto + a Node relay storing nothing)",
+                result=f"p50 / p99 {fmt_ms(floor['p50_ms'])} / {fmt_ms(floor['p99_ms'])} for the floor, "
+                f"{fmt_ms(at_target['p50_ms'])} / {fmt_ms(at_target['p99_ms'])} for polyhub",
+                ok=None,
+            )
+        )
     before = report["summary"].get("polyhub-mqtt-before", {}).get(str(TARGET_RATE))
     if before is not None and at_target is not None:
         targets.append(
@@ -790,6 +814,7 @@ def render_markdown(report: dict) -> str:
 
 METHOD = [
     "- **polyhub-mqtt**: `polyhub run --http-listen 127.0.0.1:0` (release build, fresh data dir, free ports) on CPU 1; a group, a hub (channels `hub`) and the devices created with `POST /groups`, `/hubs`, `/devices`. Commands go out on `/bench/{device}/cmd` at QoS 1; SQLite keeps every state change (synchronous=FULL).",
+    "- **floor-mqtt** (a reference, not a contender): Mosquitto as for relay-mqtt plus bench/command_floor.mjs on CPU 1: node:http and MQTT.js, one event loop, nothing stored; it publishes each command at QoS 1 and answers when the device's reply arrives. Its latency is what the load generator, the devices, Mosquitto and one event loop cost: the least any server can show in this harness on this machine.",
     "- **relay-mqtt** (the usual way): Mosquitto (`set_tcp_nodelay true`, unlimited queues) plus bench/command_relay.py on CPU 1: `http.server.ThreadingHTTPServer` (HTTP/1.1 keep-alive), paho-mqtt, `sqlite3` in WAL mode with synchronous=FULL; it stores the command (`queued`), publishes it at QoS 1, records `sent`, waits for the reply, which paho's callback records `acknowledged`. Same API, topics and payloads as polyhub.",
     "- **polyhub-xmpp**: Prosody (Debian package, loopback, no TLS) on CPU 1 next to polyhub, which logs in as `hub@localhost` (`[polyglot.xmpp]`); accounts are written to Prosody's data folder before it starts. Devices have protocol `xmpp`; polyhub subscribes to their presence, the run starts once `GET /hubs/bench/presence` shows all online. A command is a chat message with a receipt request; the device sends the XEP-0184 receipt, then the reply.",
     "- **Devices** (CPU 0): MQTT: bench/command_devices.mjs, one MQTT.js client per device (client id = device id, persistent session, QoS 1 subscription to its command topic), answering each command at once with `{\"id\", \"status\": \"ok\", \"result\"}` at QoS 1 on `/bench/{device}/cmd_reply`. XMPP: bench/command_xmpp_devices.py, slixmpp clients spread over several processes.",
@@ -841,7 +866,7 @@ def versions(args: argparse.Namespace, polyhub_bin: str | None, mqtt_version: st
         # Not the working tree's commit: say what the binary is, as given.
         out = subprocess.run([args.before_bin, "--version"], capture_output=True, text=True, check=False, timeout=10)
         found["polyhub (before)"] = f"{args.before_bin} ({out.stdout.strip() or 'no --version'}; {args.before_label})"
-    if "relay-mqtt" in contenders:
+    if "relay-mqtt" in contenders or "floor-mqtt" in contenders:
         found["mosquitto"] = Mosquitto("version", None, args.mosquitto_bin).version()
         found["paho-mqtt"] = paho.mqtt.__version__
     if "polyhub-xmpp" in contenders:
@@ -890,6 +915,7 @@ def main(argv: list[str]) -> int:
     plans = {
         "polyhub-mqtt": Plan([int(r) for r in args.rates.split(",")], not args.no_closed),
         "relay-mqtt": Plan([int(r) for r in args.rates.split(",")], not args.no_closed),
+        "floor-mqtt": Plan([int(r) for r in args.rates.split(",")], not args.no_closed),
         "polyhub-xmpp": Plan([int(r) for r in args.xmpp_rates.split(",")], not args.no_closed),
         "polyhub-mqtt-before": Plan([int(r) for r in args.rates.split(",")], not args.no_closed),
     }
