@@ -410,3 +410,22 @@ def test_api_refusals_and_cancel(polyhub, api):
         assert api.get(f"/commands/{dropped['id']}") == cancelled
     finally:
         device.close()
+
+
+def test_a_clean_session_device_gets_what_was_queued_once_it_has_subscribed(polyhub, api):
+    """A device without a stored session connects, and only then subscribes (CONNACK first,
+    as every client does): commands queued for it wait until it can receive them, and none
+    is recorded delivered while nothing could receive it."""
+    api.add_group("g")
+    api.add_hub("h", "g")
+    api.add_device("d1", "h")
+    sent = [submit(api, "d1", "led", "on"), submit(api, "d1", "led", "off")]
+    device = CommandDevice(polyhub.mqtt_port, "h", "d1", clean=True)
+    try:
+        received = device.wait_commands(2)
+        assert [c["id"] for c in received] == [c["id"] for c in sent]
+        for command in sent:
+            device.reply(command["id"], "ok")
+            assert command_in_state(api, command["id"], "acknowledged", "failed")["state"] == "acknowledged"
+    finally:
+        device.close()
