@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Race polyhub's MQTT broker against Mosquitto on this machine, side by side in one run.
 
-    python3 bench/run.py            # full run: ~12-15 minutes, results in bench/results/
+    python3 bench/run.py            # full run: ~14 minutes, results in bench/results/
     python3 bench/run.py --quick    # 1 repetition, short runs: checks the harness in ~2 minutes
 
 For each scenario the driver starts a fresh broker, pins it to CPU 1 and the MQTT.js load
 generators (bench/loadgen.mjs) to CPU 0, offers the same paced load to each broker in turn
-(A/B/A/B...), and reads the broker's CPU time and memory from /proc. Then it connects 10,000
-idle clients to each broker and measures resident memory per connection. See docs/benchmarks.md.
+(A/B/C/D/A/B...), and reads the broker's CPU time and memory from /proc. Both brokers run in
+both socket modes (Nagle's algorithm on and off), so each is also compared like for like. Then
+it connects 10,000 idle clients to each broker and measures resident memory per connection.
+See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -120,6 +122,21 @@ def all_scenarios() -> list[Scenario]:
 
 # --------------------------------------------------------------------------------------------
 # Brokers
+
+NAGLE_ON = "Nagle on"
+NAGLE_OFF = "Nagle off"
+
+# Every kind of broker --brokers accepts: its role (a reference, or polyhub under test) and the
+# socket mode of the connections it accepts. Default Mosquitto leaves Nagle's algorithm on,
+# polyhub turns it off; the two other kinds flip that, so that every comparison can also be
+# made between brokers in the same socket mode.
+BROKER_KINDS = {
+    "mosquitto": ("reference", NAGLE_ON),
+    "polyhub": ("tested", NAGLE_OFF),
+    "mosquitto-nodelay": ("reference", NAGLE_OFF),
+    "polyhub-nagle": ("tested", NAGLE_ON),
+}
+DEFAULT_BROKERS = ",".join(BROKER_KINDS)
 
 
 def free_port() -> int:
@@ -325,15 +342,17 @@ class Mosquitto(Broker):
 class Polyhub(Broker):
     kind = "polyhub"
 
-    def __init__(self, label: str, cpu: int | None, binary: str) -> None:
+    def __init__(self, label: str, cpu: int | None, binary: str, nodelay: bool = True) -> None:
         super().__init__(label, cpu)
         self.binary = binary
+        self.nodelay = nodelay
 
     def command(self) -> list[str]:
         conf = self.scratch / "polyhub.toml"
         # The same unlimited queues and in-flight windows as Mosquitto's (0 = no limit of ours).
         conf.write_text(
-            "[mqtt.limits]\n"
+            ("" if self.nodelay else "[mqtt]\ntcp_nodelay = false\n")
+            + "[mqtt.limits]\n"
             "max_queued_messages = 0\n"
             "max_inflight = 0\n"
             "max_connections = 1000000\n"
@@ -795,14 +814,53 @@ def contenders(report: dict) -> tuple[str, str, list[str]]:
     return labels[0], labels[1], labels[2:]
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One ratio the report shows: `tested` ÷ `reference`, and what makes the pair."""
+
+    tested: str
+    reference: str
+    # "Nagle on" / "Nagle off" when both brokers run in that socket mode, else None.
+    like_for_like: str | None
+
+    def ratio_name(self) -> str:
+        return f"{self.tested}/{self.reference}"
+
+
+def comparisons(report: dict) -> list[Comparison]:
+    """B ÷ A first (the issue's targets, each broker as configured by default), then every pair
+    of a tested and a reference broker in the same socket mode, then B ÷ any extra column that no
+    pair used (so an A/A run or a custom list still gets its ratios)."""
+    a, b, extras = contenders(report)
+    roles = report.get("roles", {})
+    modes = report.get("socket_modes", {})
+
+    def same_mode(x: str, y: str) -> str | None:
+        return modes[x] if modes.get(x) is not None and modes.get(x) == modes.get(y) else None
+
+    pairs = [Comparison(b, a, same_mode(b, a))]
+    for tested in report["brokers"]:
+        for reference in report["brokers"]:
+            if (tested, reference) == (b, a):
+                continue
+            if roles.get(tested) == "tested" and roles.get(reference) == "reference":
+                mode = same_mode(tested, reference)
+                if mode is not None:
+                    pairs.append(Comparison(tested, reference, mode))
+    used = {label for pair in pairs for label in (pair.tested, pair.reference)}
+    pairs += [Comparison(b, extra, same_mode(b, extra)) for extra in extras if extra not in used]
+    return pairs
+
+
 def summary_of(scenario: dict, label: str, key: str) -> float | None:
     summary = scenario["summary"].get(label)
     return summary[key] if summary else None
 
 
 def render_markdown(report: dict) -> str:
-    a, b, extras = contenders(report)
+    a, b, _ = contenders(report)
     labels = report["brokers"]
+    pairs = comparisons(report)
     lines = []
     lines.append(f"# Broker benchmark: {b} vs {a}, {report['date']}")
     lines.append("")
@@ -830,24 +888,29 @@ def render_markdown(report: dict) -> str:
         lines.append("## Summary")
         lines.append("")
         lines.append(
-            f"Medians per scenario. *Efficiency* is msgs per broker CPU-second, ratio {b} ÷ other (higher is "
-            f"better); p99 ratio {b} ÷ other (lower is better)."
+            "Medians per scenario. *Efficiency* is msgs per broker CPU-second, ratio tested ÷ reference "
+            "(higher is better); p99 ratio tested ÷ reference (lower is better)."
+            + "".join(
+                f" {pair.ratio_name()}: both with {pair.like_for_like}, like for like."
+                for pair in pairs
+                if pair.like_for_like
+            )
         )
         lines.append("")
-        others = [a] + extras
         head = ["Scenario"]
-        for other in others:
-            head += [f"efficiency {b}/{other}", f"p99 {b}/{other}"]
+        for pair in pairs:
+            head += [f"efficiency {pair.ratio_name()}", f"p99 {pair.ratio_name()}"]
         head += [f"p99 {label}" for label in labels]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|---|" + "---:|" * (len(head) - 1))
         for scenario in report["scenarios"]:
             cells = [scenario["name"]]
-            for other in others:
+            for pair in pairs:
                 eff = ratio(
-                    summary_of(scenario, b, "msgs_per_broker_cpu_s"), summary_of(scenario, other, "msgs_per_broker_cpu_s")
+                    summary_of(scenario, pair.tested, "msgs_per_broker_cpu_s"),
+                    summary_of(scenario, pair.reference, "msgs_per_broker_cpu_s"),
                 )
-                p99 = ratio(summary_of(scenario, b, "p99_us"), summary_of(scenario, other, "p99_us"))
+                p99 = ratio(summary_of(scenario, pair.tested, "p99_us"), summary_of(scenario, pair.reference, "p99_us"))
                 cells.append(f"{eff:.2f}×" if eff is not None else "–")
                 cells.append(f"{p99:.2f}×" if p99 is not None else "–")
             cells += [fmt_us(summary_of(scenario, label, "p99_us")) for label in labels]
@@ -889,15 +952,16 @@ def render_markdown(report: dict) -> str:
         "- Mosquitto config: `listener PORT 127.0.0.1`, `allow_anonymous true`, `persistence false`, "
         "`max_queued_messages 0`, `max_inflight_messages 0`; *mosquitto-nodelay* adds "
         "`set_tcp_nodelay true` (Nagle off, as polyhub does). polyhub: `[mqtt.limits]` "
-        "`max_queued_messages = 0`, `max_inflight = 0` (both: no limit), `max_connections = 1000000`."
+        "`max_queued_messages = 0`, `max_inflight = 0` (both: no limit), `max_connections = 1000000`; "
+        "*polyhub-nagle* adds `[mqtt] tcp_nodelay = false` (Nagle on, as default Mosquitto)."
     )
     lines.append("")
 
     lines.append("## Throughput, latency and CPU per scenario")
     lines.append("")
-    ratio_labels = [a] + extras
     lines.append(
-        f"Ratios are {b} ÷ the other broker: above 1 is better for msgs/CPU-s, below 1 is better for p99."
+        "Ratios are the tested broker ÷ the reference named in the column: above 1 is better for "
+        "msgs/CPU-s, below 1 is better for p99."
     )
     lines.append("")
     for scenario in report["scenarios"]:
@@ -910,9 +974,9 @@ def render_markdown(report: dict) -> str:
             f"({shape['offered_deliveries_per_s']:,} deliveries/s)."
         )
         lines.append("")
-        header = "| Metric | " + " | ".join(labels) + " | " + " | ".join(f"{b}/{r}" for r in ratio_labels) + " |"
+        header = "| Metric | " + " | ".join(labels) + " | " + " | ".join(p.ratio_name() for p in pairs) + " |"
         lines.append(header)
-        lines.append("|---|" + "---:|" * (len(labels) + len(ratio_labels)))
+        lines.append("|---|" + "---:|" * (len(labels) + len(pairs)))
         rows = [
             ("delivered msgs/s", "delivered_per_s", fmt, False),
             ("publish rate achieved /s", "achieved_publish_per_s", fmt, False),
@@ -931,8 +995,8 @@ def render_markdown(report: dict) -> str:
         for label, key, formatter, show_ratio in rows:
             cells = [formatter(summary_of(scenario, broker, key)) for broker in labels]
             ratios = []
-            for other in ratio_labels:
-                r = ratio(summary_of(scenario, b, key), summary_of(scenario, other, key))
+            for pair in pairs:
+                r = ratio(summary_of(scenario, pair.tested, key), summary_of(scenario, pair.reference, key))
                 ratios.append(f"**{r:.2f}×**" if (show_ratio and r is not None) else ("–" if show_ratio else ""))
             name = f"**{label}**" if show_ratio else label
             lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
@@ -1024,8 +1088,17 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_targets(report: dict) -> list[dict]:
-    a, b, _ = contenders(report)
+def comparison_targets(report: dict, pair: Comparison, main: bool) -> list[dict]:
+    """Efficiency at QoS 0 and QoS 1 and p99 of `pair.tested` against `pair.reference`, each row
+    saying which socket modes were compared."""
+    a, b = pair.reference, pair.tested
+    modes = report.get("socket_modes", {})
+    if pair.like_for_like:
+        prefix = f"{pair.like_for_like}, like for like ({b} vs {a}): "
+    elif main and modes.get(a) and modes.get(b):
+        prefix = f"As configured by default ({b}: {modes[b]}, {a}: {modes[a]}): "
+    else:
+        prefix = ""
     scenarios = [s for s in report["scenarios"] if s["summary"].get(a) and s["summary"].get(b)]
     targets = []
     for qos in (0, 1):
@@ -1040,7 +1113,8 @@ def evaluate_targets(report: dict) -> list[dict]:
         passed = sum(1 for r in present if r >= TARGET_EFFICIENCY_RATIO)
         targets.append(
             {
-                "target": f"≥{TARGET_EFFICIENCY_RATIO}× {a}'s msgs per broker CPU-second at QoS {qos} (every scenario)",
+                "target": f"{prefix}≥{TARGET_EFFICIENCY_RATIO}× {a}'s msgs per broker CPU-second at QoS {qos} "
+                "(every scenario)",
                 "result": f"{passed}/{len(present)} scenarios; ratios {min(present):.2f}–{max(present):.2f}×, "
                 f"geometric mean {geomean(present):.2f}×",
                 "met": passed == len(present),
@@ -1053,25 +1127,39 @@ def evaluate_targets(report: dict) -> list[dict]:
         passed = sum(1 for r in present if r <= TARGET_P99_RATIO)
         targets.append(
             {
-                "target": f"p99 latency no worse than {a}'s (every scenario)",
+                "target": f"{prefix}p99 latency no worse than {a}'s (every scenario)",
                 "result": f"{passed}/{len(present)} scenarios; ratios {min(present):.2f}–{max(present):.2f}×, "
                 f"geometric mean {geomean(present):.2f}×",
                 "met": passed == len(present),
                 "ratios": p99,
             }
         )
+    for target in targets:
+        target["tested"], target["reference"], target["like_for_like"] = b, a, pair.like_for_like
+    return targets
+
+
+def evaluate_targets(report: dict) -> list[dict]:
+    a, b, _ = contenders(report)
+    pairs = comparisons(report)
+    targets = comparison_targets(report, pairs[0], main=True)
+    for pair in pairs[1:]:
+        if pair.like_for_like:
+            targets += comparison_targets(report, pair, main=False)
+    roles = report.get("roles", {})
+    tested = [label for label in report["brokers"] if roles.get(label) == "tested"] or [b]
     lossy = [
         f"{s['name']} ({label})"
         for s in report["scenarios"]
         for label, summary in s["summary"].items()
         if summary and summary["lost_total"] > 0
     ]
-    b_runs = [s for s in report["scenarios"] if s["summary"].get(b)]
+    tested_runs = [s["summary"][label] for s in report["scenarios"] for label in tested if s["summary"].get(label)]
     targets.append(
         {
-            "target": f"no message lost by {b} (a correctness check, not one of the issue's targets)",
+            "target": f"no message lost by {', '.join(tested)} (a correctness check, not one of the issue's targets)",
             "result": "none lost by any broker" if not lossy else "losses in " + ", ".join(lossy),
-            "met": (not any(s["summary"][b]["lost_total"] for s in b_runs)) if b_runs else None,
+            "met": (not any(summary["lost_total"] for summary in tested_runs)) if tested_runs else None,
         }
     )
     idle = report.get("idle") or {}
@@ -1116,13 +1204,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--only",
         action="append",
         default=[],
-        help="run only matching scenarios (glob on names like fanin-qos1-16b, or 'idle'); repeatable",
+        help="run only matching scenarios (glob on names like fanin-qos1-16b, or 'idle'); repeatable, "
+        "or several separated by commas",
     )
     parser.add_argument(
         "--brokers",
-        default="mosquitto,polyhub,mosquitto-nodelay",
-        help="brokers to race: the reference, the one under test, then extra reference columns "
-        "(default mosquitto,polyhub,mosquitto-nodelay; mosquitto,mosquitto is an A/A check of the harness)",
+        default=DEFAULT_BROKERS,
+        help="brokers to race: the reference, the one under test, then extra columns; each tested "
+        "broker is also compared with every reference in the same socket mode "
+        f"(default {DEFAULT_BROKERS}; mosquitto,mosquitto is an A/A check of the harness)",
     )
     parser.add_argument("--reps", type=int, help="repetitions per broker and scenario (default 3, quick 1)")
     parser.add_argument("--seconds", type=float, help="load seconds per run (default 4, quick 1.5)")
@@ -1147,10 +1237,10 @@ def make_broker(kind: str, label: str, args: argparse.Namespace, polyhub_bin: st
         return Mosquitto(label, cpu, args.mosquitto_bin)
     if kind == "mosquitto-nodelay":
         return Mosquitto(label, cpu, args.mosquitto_bin, nodelay=True)
-    if kind == "polyhub":
+    if kind in ("polyhub", "polyhub-nagle"):
         assert polyhub_bin is not None
-        return Polyhub(label, cpu, polyhub_bin)
-    raise SystemExit(f"unknown broker {kind!r} (mosquitto, mosquitto-nodelay or polyhub)")
+        return Polyhub(label, cpu, polyhub_bin, nodelay=kind == "polyhub")
+    raise SystemExit(f"unknown broker {kind!r} (one of {', '.join(BROKER_KINDS)})")
 
 
 def main(argv: list[str]) -> int:
@@ -1165,6 +1255,9 @@ def main(argv: list[str]) -> int:
     kinds = args.brokers.split(",")
     if len(kinds) < 2:
         raise SystemExit("--brokers takes at least two names, e.g. mosquitto,polyhub")
+    unknown = [kind for kind in kinds if kind not in BROKER_KINDS]
+    if unknown:
+        raise SystemExit(f"unknown broker {unknown[0]!r} (one of {', '.join(BROKER_KINDS)})")
     labels = []
     for kind in kinds:
         label = kind
@@ -1175,7 +1268,7 @@ def main(argv: list[str]) -> int:
     # Install and build first, at normal priority on every CPU.
     mqtt_version = ensure_node_modules()
     polyhub_bin = None
-    if "polyhub" in kinds:
+    if any(BROKER_KINDS[kind][0] == "tested" for kind in kinds):
         polyhub_bin = args.broker_bin or build_polyhub()
         if not os.access(polyhub_bin, os.X_OK):
             raise SystemExit(f"polyhub binary not found: {polyhub_bin}")
@@ -1196,8 +1289,10 @@ def main(argv: list[str]) -> int:
     versions["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     versions["mqtt (MQTT.js)"] = mqtt_version
 
+    patterns = [pattern for value in args.only for pattern in value.split(",") if pattern]
+
     def selected(name: str) -> bool:
-        return not args.only or any(fnmatch.fnmatch(name, pattern) or name.startswith(pattern) for pattern in args.only)
+        return not patterns or any(fnmatch.fnmatch(name, pattern) or name.startswith(pattern) for pattern in patterns)
 
     scenarios = [s for s in all_scenarios() if selected(s.name)]
     if args.rate_scale != 1.0:
@@ -1211,6 +1306,8 @@ def main(argv: list[str]) -> int:
         "machine": machine_info(),
         "versions": versions,
         "brokers": labels,
+        "roles": {label: BROKER_KINDS[kind][0] for kind, label in zip(kinds, labels)},
+        "socket_modes": {label: BROKER_KINDS[kind][1] for kind, label in zip(kinds, labels)},
         "settings": {
             "repetitions": reps,
             "seconds": seconds,

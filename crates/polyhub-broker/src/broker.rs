@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::client;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, SocketOptions};
 use crate::error::BrokerError;
 use crate::local::LocalClient;
 use crate::message::Message;
@@ -63,6 +63,8 @@ pub struct Broker {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: BrokerConfig,
+    /// Applied to every accepted socket, before its task starts.
+    sockets: SocketOptions,
     pub(crate) stats: Stats,
     pub(crate) subscriptions: RwLock<SubscriptionTree<SessionKey>>,
     pub(crate) retained: Mutex<RetainedStore<Arc<Message>>>,
@@ -215,11 +217,19 @@ impl Shared {
 }
 
 impl Broker {
-    /// A broker with the given limits and no listeners yet.
+    /// A broker with the given limits, the default socket options (TCP_NODELAY on) and no
+    /// listeners yet.
     pub fn new(config: BrokerConfig) -> Broker {
+        Broker::with_socket_options(config, SocketOptions::default())
+    }
+
+    /// A broker with the given limits and socket options (`[mqtt] tcp_nodelay`, see
+    /// [`crate::MqttConfig::socket_options`]) and no listeners yet.
+    pub fn with_socket_options(config: BrokerConfig, sockets: SocketOptions) -> Broker {
         Broker {
             shared: Arc::new(Shared {
                 config,
+                sockets,
                 stats: Stats::default(),
                 subscriptions: RwLock::new(SubscriptionTree::new()),
                 retained: Mutex::new(RetainedStore::new()),
@@ -241,6 +251,11 @@ impl Broker {
     /// The limits this broker enforces.
     pub fn config(&self) -> &BrokerConfig {
         &self.shared.config
+    }
+
+    /// The options this broker applies to the sockets it accepts.
+    pub fn socket_options(&self) -> SocketOptions {
+        self.shared.sockets
     }
 
     /// Accept MQTT connections on `listener` until `shutdown` completes (or
@@ -575,7 +590,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                if let Err(error) = stream.set_nodelay(true) {
+                // Set explicitly either way: an accepted socket may inherit options from the
+                // listener, which the broker does not own.
+                if let Err(error) = stream.set_nodelay(shared.sockets.tcp_nodelay) {
                     tracing::debug!(%peer, %error, "Cannot set TCP_NODELAY.");
                 }
                 spawn(stream, peer);
@@ -607,4 +624,62 @@ fn is_transient(error: &std::io::Error) -> bool {
             | ErrorKind::Interrupted
             | ErrorKind::WouldBlock
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpSocket;
+
+    /// TCP_NODELAY as read back (getsockopt) from the socket that the accept loop of a broker
+    /// with `tcp_nodelay` hands to its connection task. The listener is given the opposite
+    /// setting, because Linux copies TCP_NODELAY from a listener to the sockets it accepts:
+    /// a broker that left the accepted socket alone would report the listener's value.
+    async fn accepted_socket_nodelay(tcp_nodelay: bool) -> bool {
+        let broker =
+            Broker::with_socket_options(BrokerConfig::default(), SocketOptions { tcp_nodelay });
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_nodelay(!tcp_nodelay).unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let listener = socket.listen(16).unwrap();
+        let address = listener.local_addr().unwrap();
+
+        let stop = CancellationToken::new();
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        let mut seen_tx = Some(seen_tx);
+        let accepting = accept_loop(&broker.shared, &listener, stop.cancelled(), |stream, _| {
+            if let Some(seen_tx) = seen_tx.take() {
+                let _ = seen_tx.send(stream.nodelay());
+            }
+        });
+        let connecting = async {
+            let _client = TcpStream::connect(address).await.unwrap();
+            let seen = tokio::time::timeout(Duration::from_secs(5), seen_rx).await;
+            stop.cancel();
+            seen
+        };
+        let ((), seen) = tokio::join!(accepting, connecting);
+        seen.expect("no connection accepted within 5 s")
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_tcp_nodelay_when_configured() {
+        assert!(accepted_socket_nodelay(true).await);
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_keep_nagle_when_tcp_nodelay_is_off() {
+        assert!(!accepted_socket_nodelay(false).await);
+    }
+
+    #[test]
+    fn the_default_broker_sets_tcp_nodelay() {
+        assert!(
+            Broker::new(BrokerConfig::default())
+                .socket_options()
+                .tcp_nodelay
+        );
+    }
 }

@@ -37,7 +37,9 @@ mod sys;
 pub mod tls;
 
 pub use broker::{Broker, ClientPresence};
-pub use config::{BrokerConfig, MqttConfig, OnCorrupt, PersistenceConfig, TlsConfig};
+pub use config::{
+    BrokerConfig, MqttConfig, OnCorrupt, PersistenceConfig, SocketOptions, TlsConfig,
+};
 pub use error::BrokerError;
 pub use local::{LocalClient, LocalMessage};
 pub use message::MessageProperties;

@@ -144,7 +144,8 @@ async fn serve(
     };
     let http = bind("HTTP", config.http.listen).await?;
 
-    let broker = Broker::new(config.mqtt.limits.clone());
+    let broker =
+        Broker::with_socket_options(config.mqtt.limits.clone(), config.mqtt.socket_options());
     let snapshot_path = snapshot_path(config);
     if let (Some(snapshot), Some(path)) = (saved, &snapshot_path) {
         let restored = broker

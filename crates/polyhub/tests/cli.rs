@@ -271,7 +271,7 @@ fn unknown_key_is_named() {
     assert_eq!(
         stderr_of(&output),
         "error: config file polyhub.toml: unknown field `lisen` in [mqtt], expected one of \
-         `listen`, `tls`, `limits`, `persistence` (line 2, column 1)\n"
+         `listen`, `tcp_nodelay`, `tls`, `limits`, `persistence` (line 2, column 1)\n"
     );
 }
 
