@@ -23,7 +23,8 @@
 //! What the dispatcher keeps in memory is the unfinished commands only: per device, those
 //! waiting to be sent (`pending`, by `seq`) and those sent and awaiting an answer
 //! (`inflight`). The store stays the truth; memory is rebuilt from
-//! [`Store::unfinished_commands`] at start.
+//! [`Store::unfinished_commands`] at start, and submissions wait until that read is done (a
+//! command stored before it would come back both from the read and as a submission).
 //!
 //! Time: the service reads wall-clock milliseconds through a clock anchored on tokio's
 //! `Instant`, so that expiry follows tokio's (pausable) time in tests.
