@@ -10,7 +10,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use polyhub_api::{ApiConfig, ApiState, router_with_config};
 use polyhub_store::Store;
 use serde_json::json;
-use support::{FakeRuntime, FakeStore, Harness};
+use support::{FakeRuntime, Harness, MemoryStore};
 
 /// Every route of the contract, with `{id}` for path parameters.
 const CONTRACT_ROUTES: &[(&str, &str)] = &[
@@ -101,7 +101,7 @@ async fn metrics_renders_the_handle() {
         metrics::counter!("polyhub_ingest_messages_total", "hub" => "h1").increment(7);
     });
     let state = ApiState {
-        store: Arc::new(FakeStore::default()) as Arc<dyn Store>,
+        store: Arc::new(MemoryStore::new()) as Arc<dyn Store>,
         runtime: Arc::new(FakeRuntime::default()),
         commands: None,
         metrics: Some(handle),
@@ -141,7 +141,7 @@ async fn unknown_routes_and_methods_are_json_errors() {
 #[tokio::test]
 async fn body_limit_is_configurable() {
     let state = ApiState {
-        store: Arc::new(FakeStore::default()) as Arc<dyn Store>,
+        store: Arc::new(MemoryStore::new()) as Arc<dyn Store>,
         runtime: Arc::new(FakeRuntime::default()),
         commands: None,
         metrics: None,

@@ -3,66 +3,22 @@
 //!
 //! Every wait is bounded; a hung child is killed when its handle is dropped.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use polyhub_testkit::free_port;
+use polyhub_testkit::process::{PolyhubProcess, TIMEOUT, finish, polyhub_command};
 
 const POLYHUB: &str = env!("CARGO_BIN_EXE_polyhub");
-
-/// Upper bound on anything we wait for: start-up, a failure, a shutdown.
-const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How quickly a signalled polyhub must be gone.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
 
-/// Variables the tests' own environment must not leak into the child.
-const POLYHUB_VARIABLES: [&str; 10] = [
-    "POLYHUB_CONFIG",
-    "POLYHUB_DATA_DIR",
-    "POLYHUB_LOG",
-    "POLYHUB_MQTT_LISTEN",
-    "POLYHUB_MQTTS_LISTEN",
-    "POLYHUB_TLS_CERT",
-    "POLYHUB_TLS_KEY",
-    "POLYHUB_TLS_CA",
-    "POLYHUB_TLS_REQUIRE_CLIENT_CERT",
-    "RUST_LOG",
-];
-
 /// `polyhub` with `args`, run in `dir` with a clean environment.
 fn polyhub(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(POLYHUB);
-    command.args(args).current_dir(dir).stdin(Stdio::null());
-    for name in POLYHUB_VARIABLES {
-        command.env_remove(name);
-    }
-    // Tests run in parallel: each polyhub gets its own free port for the REST API.
-    command.env("POLYHUB_HTTP_LISTEN", "127.0.0.1:0");
-    command
-}
-
-/// Runs a command that is expected to end by itself, within [`TIMEOUT`].
-fn finish(mut command: Command) -> Output {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn polyhub");
-    let pid = child.id();
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = sender.send(child.wait_with_output());
-    });
-    match receiver.recv_timeout(TIMEOUT) {
-        Ok(output) => output.expect("wait for polyhub"),
-        Err(_) => {
-            send_signal(pid, "KILL");
-            panic!("polyhub did not exit within {TIMEOUT:?}");
-        }
-    }
+    polyhub_command(POLYHUB, dir, args)
 }
 
 fn stderr_of(output: &Output) -> String {
@@ -80,134 +36,10 @@ fn sole_error_line(output: &Output) -> String {
     errors[0].to_owned()
 }
 
-fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{signal} {pid} failed");
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
-/// A polyhub process that runs until told to stop, with its standard error read line by line.
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(mut command: Command) -> Running {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn polyhub");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line containing `needle` and returns it.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "no line with {needle:?} within {TIMEOUT:?}; saw:\n{}",
-                        self.log()
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait().ok();
-                    panic!(
-                        "polyhub ended ({status:?}) before printing {needle:?}; saw:\n{}",
-                        self.log()
-                    )
-                }
-            }
-        }
-    }
-
-    /// The address from the `<what> listening on <addr>` line (`what` is `MQTT` or `MQTTS`).
-    fn listening_address(&mut self, what: &str) -> SocketAddr {
-        let needle = format!("{what} listening on ");
-        let line = self.wait_for_line(&needle);
-        let (_, address) = line.split_once(&needle).expect("needle is in the line");
-        address
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("not an address in {line:?}"))
-    }
-
-    /// Sends `signal` and waits, at most [`SHUTDOWN_LIMIT`], for the process to end.
-    fn stop_with(&mut self, signal: &str) -> (ExitStatus, Duration) {
-        let sent = Instant::now();
-        send_signal(self.child.id(), signal);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll polyhub") {
-                return (status, sent.elapsed());
-            }
-            if sent.elapsed() > SHUTDOWN_LIMIT {
-                panic!(
-                    "polyhub still running {SHUTDOWN_LIMIT:?} after SIG{signal}; saw:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Everything read so far, plus what is already buffered.
-    fn log(&mut self) -> String {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        self.seen.join("\n")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[test]
 fn starts_on_port_zero_and_reports_the_real_address() {
     let dir = tempfile::tempdir().unwrap();
-    let mut polyhub = Running::start(polyhub(
+    let mut polyhub = PolyhubProcess::start(polyhub(
         dir.path(),
         &["run", "--mqtt-listen", "127.0.0.1:0"],
     ));
@@ -222,12 +54,12 @@ fn starts_on_port_zero_and_reports_the_real_address() {
 #[test]
 fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
-    let mut polyhub = Running::start(polyhub(
+    let mut polyhub = PolyhubProcess::start(polyhub(
         dir.path(),
         &["run", "--mqtt-listen", "127.0.0.1:0"],
     ));
     polyhub.listening_address("MQTT");
-    let (status, took) = polyhub.stop_with("TERM");
+    let (status, took) = polyhub.stop_with("TERM", SHUTDOWN_LIMIT);
     assert_eq!(status.code(), Some(0), "log:\n{}", polyhub.log());
     assert!(took < SHUTDOWN_LIMIT);
 }
@@ -235,12 +67,12 @@ fn sigterm_shuts_down_gracefully() {
 #[test]
 fn sigint_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
-    let mut polyhub = Running::start(polyhub(
+    let mut polyhub = PolyhubProcess::start(polyhub(
         dir.path(),
         &["run", "--mqtt-listen", "127.0.0.1:0"],
     ));
     polyhub.listening_address("MQTT");
-    let (status, _) = polyhub.stop_with("INT");
+    let (status, _) = polyhub.stop_with("INT", SHUTDOWN_LIMIT);
     assert_eq!(status.code(), Some(0), "log:\n{}", polyhub.log());
 }
 
@@ -350,7 +182,7 @@ fn flags_override_environment_override_file() {
 
     // File alone.
     let mut polyhub_process =
-        Running::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
+        PolyhubProcess::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
     assert_eq!(polyhub_process.listening_address("MQTT"), expect(file_port));
     assert!(dir.path().join("file-data").is_dir());
     drop(polyhub_process);
@@ -360,7 +192,7 @@ fn flags_override_environment_override_file() {
     command
         .env("POLYHUB_MQTT_LISTEN", format!("127.0.0.1:{env_port}"))
         .env("POLYHUB_DATA_DIR", "env-data");
-    let mut polyhub_process = Running::start(command);
+    let mut polyhub_process = PolyhubProcess::start(command);
     assert_eq!(polyhub_process.listening_address("MQTT"), expect(env_port));
     assert!(dir.path().join("env-data").is_dir());
     drop(polyhub_process);
@@ -382,7 +214,7 @@ fn flags_override_environment_override_file() {
     command
         .env("POLYHUB_MQTT_LISTEN", format!("127.0.0.1:{env_port}"))
         .env("POLYHUB_DATA_DIR", "env-data");
-    let mut polyhub_process = Running::start(command);
+    let mut polyhub_process = PolyhubProcess::start(command);
     assert_eq!(polyhub_process.listening_address("MQTT"), expect(flag_port));
     assert!(dir.path().join("flag-data").is_dir());
 }
@@ -487,12 +319,12 @@ fn tls_listener_reports_its_address() {
         .env("POLYHUB_MQTTS_LISTEN", "127.0.0.1:0")
         .env("POLYHUB_TLS_CERT", "server.pem")
         .env("POLYHUB_TLS_KEY", "server.key");
-    let mut polyhub = Running::start(command);
+    let mut polyhub = PolyhubProcess::start(command);
     let mqtt = polyhub.listening_address("MQTT");
     let mqtts = polyhub.listening_address("MQTTS");
     assert_ne!(mqtt, mqtts);
     assert_ne!(mqtts.port(), 0);
     TcpStream::connect_timeout(&mqtts, TIMEOUT).expect("the TLS listener accepts TCP");
-    let (status, _) = polyhub.stop_with("TERM");
+    let (status, _) = polyhub.stop_with("TERM", SHUTDOWN_LIMIT);
     assert_eq!(status.code(), Some(0), "log:\n{}", polyhub.log());
 }

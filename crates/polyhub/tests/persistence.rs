@@ -5,157 +5,25 @@
 //! The MQTT side is a few hand-made MQTT 3.1.1 packets over TCP, so the test needs nothing but
 //! the binary. Every wait is bounded; a hung child is killed when its handle is dropped.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+
+use polyhub_testkit::process::{self, PolyhubProcess, TIMEOUT, polyhub_command};
 
 const POLYHUB: &str = env!("CARGO_BIN_EXE_polyhub");
 
-/// Upper bound on anything we wait for.
-const TIMEOUT: Duration = Duration::from_secs(20);
-
 /// `polyhub` with `args` in `dir`, with no `POLYHUB_*` variables from our environment.
 fn polyhub(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(POLYHUB);
-    command.args(args).current_dir(dir).stdin(Stdio::null());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("POLYHUB_") || name == "RUST_LOG" {
-            command.env_remove(name);
-        }
-    }
-    // Tests run in parallel: each polyhub gets its own free port for the REST API.
-    command.env("POLYHUB_HTTP_LISTEN", "127.0.0.1:0");
-    command
-}
-
-/// A running polyhub whose standard error is read line by line.
-struct Running {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    fn start(mut command: Command) -> Running {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn polyhub");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The first line containing `needle`, waiting for it.
-    fn wait_for_line(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|line| line.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("no line with {needle:?}; saw:\n{}", self.seen.join("\n"))
-                }
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "polyhub ended before printing {needle:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn mqtt_address(&mut self) -> SocketAddr {
-        let needle = "MQTT listening on ";
-        let line = self.wait_for_line(needle);
-        let (_, address) = line.split_once(needle).expect("needle is in the line");
-        address.trim().parse().expect("an address")
-    }
-
-    /// SIGTERM, then wait for the exit.
-    fn terminate(&mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll polyhub") {
-                // Whatever it printed last.
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push(line);
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "polyhub did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+    polyhub_command(POLYHUB, dir, args)
 }
 
 /// Runs a polyhub that is expected to stop by itself; returns its exit status and stderr.
-fn finish(mut command: Command) -> (ExitStatus, String) {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn polyhub");
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll polyhub") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("polyhub did not stop by itself");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("piped stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
-    (status, stderr)
+fn finish(command: Command) -> (ExitStatus, String) {
+    let output = process::finish(command);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status, stderr)
 }
 
 /// An MQTT 3.1.1 packet: fixed header byte, remaining length, then `body`.
@@ -253,27 +121,23 @@ fn retained_message_survives_sigterm_and_restart() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["run", "--mqtt-listen", "127.0.0.1:0", "--data-dir", "state"];
 
-    let mut first = Running::start(polyhub(dir.path(), &args));
-    let address = first.mqtt_address();
+    let mut first = PolyhubProcess::start(polyhub(dir.path(), &args));
+    let address = first.listening_address("MQTT");
     publish_retained(address, "home/door", b"closed");
-    assert_eq!(
-        first.terminate().code(),
-        Some(0),
-        "{}",
-        first.seen.join("\n")
-    );
+    let (status, _) = first.stop_with("TERM", TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", first.log());
     first.wait_for_line("saved 1 retained messages");
     let snapshot = dir.path().join("state").join("broker.db");
     assert!(snapshot.is_file());
 
-    let mut second = Running::start(polyhub(dir.path(), &args));
-    let address = second.mqtt_address();
+    let mut second = PolyhubProcess::start(polyhub(dir.path(), &args));
+    let address = second.listening_address("MQTT");
     second.wait_for_line("restored 1 retained messages and 0 sessions");
     let (retain, topic, payload) = first_message(address, "home/#");
     assert!(retain);
     assert_eq!(topic, "home/door");
     assert_eq!(payload, b"closed");
-    assert_eq!(second.terminate().code(), Some(0));
+    assert_eq!(second.stop_with("TERM", TIMEOUT).0.code(), Some(0));
 }
 
 #[test]
@@ -323,8 +187,9 @@ fn corrupt_snapshot_is_moved_aside_when_configured() {
          [mqtt.persistence]\non_corrupt = \"move_aside\"\nautosave_interval = 0\n",
     )
     .unwrap();
-    let mut running = Running::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
-    running.mqtt_address();
+    let mut running =
+        PolyhubProcess::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
+    running.listening_address("MQTT");
     running.wait_for_line("moved it aside");
     // The hub's database lives in the same directory; only the broker's files matter here.
     let names: Vec<String> = std::fs::read_dir(dir.path().join("state"))
@@ -334,7 +199,7 @@ fn corrupt_snapshot_is_moved_aside_when_configured() {
         .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     assert!(names[0].starts_with("broker.db.corrupt-"), "{names:?}");
-    assert_eq!(running.terminate().code(), Some(0));
+    assert_eq!(running.stop_with("TERM", TIMEOUT).0.code(), Some(0));
     // The shutdown wrote a fresh, valid snapshot.
     assert!(dir.path().join("state/broker.db").is_file());
 }
@@ -347,9 +212,10 @@ fn persistence_can_be_turned_off() {
         "data_dir = \"state\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[mqtt.persistence]\nenabled = false\n",
     )
     .unwrap();
-    let mut running = Running::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
-    let address = running.mqtt_address();
+    let mut running =
+        PolyhubProcess::start(polyhub(dir.path(), &["run", "--config", "polyhub.toml"]));
+    let address = running.listening_address("MQTT");
     publish_retained(address, "a/b", b"x");
-    assert_eq!(running.terminate().code(), Some(0));
+    assert_eq!(running.stop_with("TERM", TIMEOUT).0.code(), Some(0));
     assert!(!dir.path().join("state/broker.db").exists());
 }

@@ -1,12 +1,11 @@
-//! Test doubles and helpers shared by the integration tests: an in-memory [`Store`], a
-//! [`HubRuntime`] that records its calls, a command service double, and a one-shot request
-//! helper.
+//! Test doubles and helpers shared by the integration tests: the test kit's in-memory
+//! [`Store`] (`polyhub_testkit::store::MemoryStore`), a [`HubRuntime`] that records its calls,
+//! a command service double, and a one-shot request helper.
 
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake_commands;
 pub mod fake_runtime;
-pub mod fake_store;
 
 use std::sync::Arc;
 
@@ -20,12 +19,12 @@ use tower::ServiceExt;
 
 pub use fake_commands::FakeCommands;
 pub use fake_runtime::FakeRuntime;
-pub use fake_store::FakeStore;
+pub use polyhub_testkit::store::MemoryStore;
 
 /// A router over fresh doubles, and the doubles to inspect.
 pub struct Harness {
     pub router: Router,
-    pub store: Arc<FakeStore>,
+    pub store: Arc<MemoryStore>,
     pub runtime: Arc<FakeRuntime>,
     pub commands: Arc<FakeCommands>,
 }
@@ -42,7 +41,7 @@ impl Harness {
     }
 
     fn build(with_commands: bool) -> Self {
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(MemoryStore::new());
         let runtime = Arc::new(FakeRuntime::default());
         let commands = Arc::new(FakeCommands::new(store.clone() as Arc<dyn Store>));
         let state = ApiState {

@@ -1,5 +1,5 @@
-//! Test harness: Mosquitto and polyhub's broker on free loopback ports, an observer client
-//! that records every message, and bounded waits.
+//! Test harness: the test kit's brokers on free loopback ports (Mosquitto started with extra
+//! configuration lines), an observer client that records every message, and bounded waits.
 
 #![allow(dead_code, unreachable_pub, unused_macros, unused_imports)]
 
@@ -7,17 +7,14 @@ pub mod scenarios;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use polyhub_broker::{Broker, BrokerConfig};
 use polyhub_client::{Client, ClientOptions, Event, ProtocolVersion, QoS};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+
+pub use polyhub_testkit::brokers::{PolyhubBroker, TestBroker, free_port};
 
 /// How long to wait for something expected.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -48,182 +45,24 @@ macro_rules! scenario_tests {
 }
 pub(crate) use scenario_tests;
 
-/// A broker the scenarios run against.
-pub trait TestBroker {
-    /// Its loopback port.
-    fn port(&self) -> u16;
-    /// Kill it (losing sessions and retained messages) and start it again on the same port.
-    fn restart(&mut self) -> impl Future<Output = ()>;
-    /// polyhub's in-process broker, for in-process clients.
-    fn in_process(&self) -> Option<&Broker> {
-        None
-    }
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    let listener = StdListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
-}
-
-async fn wait_for_port(port: u16) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing listens on {port}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A Mosquitto process with its own configuration; killed when dropped.
-pub struct Mosquitto {
-    child: Option<Child>,
-    port: u16,
-    conf: PathBuf,
-    _dir: tempfile::TempDir,
-}
+/// A Mosquitto process on a free port ([`polyhub_testkit::brokers::Mosquitto`]) whose `start`
+/// takes extra configuration lines, as the SDK's tests want.
+pub struct Mosquitto(polyhub_testkit::brokers::Mosquitto);
 
 impl Mosquitto {
     /// A plain listener on a free port, plus `extra` configuration lines.
     pub async fn start(extra: &str) -> Mosquitto {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let port = free_port();
-        let mut conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}\n"
-        );
-        if is_root() {
-            conf.push_str("user root\n");
-        }
-        let conf_path = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
-        let mut mosquitto = Mosquitto {
-            child: None,
-            port,
-            conf: conf_path,
-            _dir: dir,
-        };
-        mosquitto.spawn().await;
-        mosquitto
+        Mosquitto(polyhub_testkit::brokers::Mosquitto::start_with(extra, None).await)
     }
-
-    async fn spawn(&mut self) {
-        let child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start mosquitto");
-        self.child = Some(child);
-        wait_for_port(self.port).await;
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|status| {
-            status
-                .lines()
-                .any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 impl TestBroker for Mosquitto {
-    fn port(&self) -> u16 {
-        self.port
+    fn addr(&self) -> SocketAddr {
+        self.0.addr()
     }
 
     async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// polyhub's broker, in process, on a free port.
-pub struct PolyhubBroker {
-    broker: Broker,
-    port: u16,
-    serve: Option<JoinHandle<()>>,
-}
-
-impl PolyhubBroker {
-    pub async fn start() -> PolyhubBroker {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("local address").port();
-        let (broker, serve) = PolyhubBroker::serve(listener);
-        PolyhubBroker {
-            broker,
-            port,
-            serve: Some(serve),
-        }
-    }
-
-    fn serve(listener: TcpListener) -> (Broker, JoinHandle<()>) {
-        let broker = Broker::new(BrokerConfig {
-            sys_interval: 0,
-            ..BrokerConfig::default()
-        });
-        let serving = broker.clone();
-        let serve = tokio::spawn(async move {
-            serving
-                .serve(listener, std::future::pending::<()>())
-                .await
-                .expect("broker serves");
-        });
-        (broker, serve)
-    }
-}
-
-impl TestBroker for PolyhubBroker {
-    fn port(&self) -> u16 {
-        self.port
-    }
-
-    async fn restart(&mut self) {
-        tokio::time::timeout(WAIT, self.broker.shutdown())
-            .await
-            .expect("broker shutdown finishes");
-        if let Some(serve) = self.serve.take() {
-            let _ = tokio::time::timeout(WAIT, serve).await;
-        }
-        let listener = TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .expect("bind the same port");
-        let (broker, serve) = PolyhubBroker::serve(listener);
-        self.broker = broker;
-        self.serve = Some(serve);
-    }
-
-    fn in_process(&self) -> Option<&Broker> {
-        Some(&self.broker)
-    }
-}
-
-impl Drop for PolyhubBroker {
-    fn drop(&mut self) {
-        if let Some(serve) = self.serve.take() {
-            serve.abort();
-        }
+        self.0.restart().await;
     }
 }
 

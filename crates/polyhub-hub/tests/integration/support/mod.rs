@@ -1,8 +1,8 @@
-//! Test doubles (a fake broker, an in-memory store) and a fixture running a hub manager on them.
+//! Test doubles (a fake broker, and the test kit's in-memory store) and a fixture running a hub
+//! manager on them.
 #![allow(dead_code)]
 
 pub(crate) mod bus;
-pub(crate) mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use self::bus::FakeBus;
-pub(crate) use self::store::{MemoryStore, WriteFault};
+pub(crate) use polyhub_testkit::store::{MemoryStore, WriteFault};
 
 /// Small batches and quick restarts, so tests run fast.
 pub(crate) fn fast_config() -> HubConfig {
