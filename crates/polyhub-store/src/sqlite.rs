@@ -22,14 +22,11 @@
 //! on a thread of its own because tokio's paused test clock waits for blocking-pool work and
 //! not for other threads: tests of crates that use the store with paused time rely on that.)
 //!
-//! Unsynced writes in place: a [`Durability::Committed`] write (see Durability below) that finds
-//! no drainer running and the write connection free runs on the caller's thread instead: such
-//! a commit waits for no disk sync and costs about what the two context switches of a hand-off
-//! to the blocking pool cost. It starts only if SQLite's write lock is free at once (no busy
-//! wait on a runtime thread while a parser process commits ingest); otherwise, and for every
-//! synced write, the write queues for the drainer. (The writer's backstop checkpoint, below,
-//! could still run inside such a commit; it only does when the checkpointer has fallen far
-//! behind.)
+//! No write runs on the caller's (runtime) thread, not even one without a sync: a write into
+//! the page cache can block for milliseconds (a page under writeback, the writer's backstop
+//! checkpoint, another process holding SQLite's write lock), and on a runtime thread that
+//! stalls every task of it. Running unsynced command steps in place was tried: it saved two
+//! context switches per write and cost stalls of up to 150 ms under load.
 //!
 //! Device cache: [`Store::get_device`] is on the path of every command submission, so devices
 //! read are kept in memory ([`DeviceCache`]) and served without a trip to the blocking pool.
@@ -329,32 +326,6 @@ fn run_batch(writer: &mut Writer, batch: Vec<Box<dyn PendingWrite>>) {
     run_in_transaction(&writer.conn, batch);
 }
 
-/// Runs one unsynced write on the caller's thread, if it can start at once; gives it back
-/// otherwise. The caller is a runtime thread, so this never waits: not for a sync (the write
-/// has none) and not for another process's write lock (SQLite's busy handler is off for the
-/// `BEGIN`; a process-isolated parser may be committing ingest into the same file).
-fn try_run_unsynced_now(
-    writer: &mut Writer,
-    write: Box<dyn PendingWrite>,
-    busy_timeout: Duration,
-) -> Option<Box<dyn PendingWrite>> {
-    if set_synchronous(writer, Durability::Committed).is_err() {
-        return Some(write);
-    }
-    let conn = &writer.conn;
-    let begun = conn
-        .busy_timeout(Duration::ZERO)
-        .and_then(|()| run_cached(conn, BEGIN_SQL));
-    if let Err(err) = conn.busy_timeout(busy_timeout) {
-        tracing::warn!(error = %err, "cannot restore the write connection's busy timeout");
-    }
-    if begun.is_err() {
-        return Some(write);
-    }
-    run_in_transaction(conn, vec![write]);
-    None
-}
-
 /// Sets the write connection's `synchronous` level for the next transaction.
 fn set_synchronous(writer: &mut Writer, durability: Durability) -> Result<(), StoreError> {
     if durability != writer.synchronous {
@@ -501,27 +472,7 @@ impl SqliteStore {
             op,
             reply,
         };
-        let request: Box<dyn PendingWrite> = Box::new(request);
-        // An unsynced write costs no wait for the disk: when nobody is writing, running it
-        // here saves the hand-off to the blocking pool and back (two context switches, more
-        // than the write itself costs). Synced writes, and any write while the connection is
-        // busy, go the usual way, so this never holds up the runtime for a sync.
-        let request = if durability == Durability::Committed
-            && !self.shared.draining.load(Ordering::SeqCst)
-        {
-            match self.shared.writer.try_lock() {
-                Some(mut writer) => {
-                    try_run_unsynced_now(&mut writer, request, self.shared.busy_timeout)
-                }
-                None => Some(request),
-            }
-        } else {
-            Some(request)
-        };
-        let Some(request) = request else {
-            return answer.await.unwrap_or_else(|_| Err(write_lost()));
-        };
-        self.shared.queued_writes.lock().push(request);
+        self.shared.queued_writes.lock().push(Box::new(request));
         // Ours is queued: a running drainer takes it (it looks at the queue again after it
         // stopped draining, see `Drainer::run`), or we start one.
         if !self.shared.draining.swap(true, Ordering::SeqCst) {
@@ -1177,11 +1128,10 @@ mod tests {
         assert_eq!(stored, vec![0, 1, 2, 4, 5, 6, 8, 9]);
     }
 
-    /// An unsynced write that finds the connection free runs on the caller's thread (no
-    /// hand-off); one that finds it busy waits its turn without holding up the caller's
-    /// runtime; a synced write never runs on the caller's thread.
+    /// No write runs on the caller's thread, synced or not, the writer idle or busy: a write
+    /// can block (see the module docs), and the caller is a runtime thread.
     #[test]
-    fn unsynced_writes_run_in_place_only_when_the_writer_is_idle() {
+    fn writes_never_run_on_the_callers_thread() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1194,7 +1144,7 @@ mod tests {
                 .block_on(store.write_with(durability, |_| Ok(std::thread::current().id())))
                 .unwrap()
         };
-        assert_eq!(thread_of(Durability::Committed), caller);
+        assert_ne!(thread_of(Durability::Committed), caller);
         assert_ne!(thread_of(Durability::Synced), caller);
 
         let ran_on = runtime.block_on(async {
@@ -1214,7 +1164,7 @@ mod tests {
         });
         assert_ne!(
             ran_on, caller,
-            "a write queued behind a busy writer runs in the drainer"
+            "a write queued behind a busy writer ran in place"
         );
     }
 
