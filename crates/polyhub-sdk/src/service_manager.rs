@@ -5,11 +5,12 @@
 //!
 //! [`ServiceManager`] is the pure bookkeeping: feed it every message of
 //! [`ServiceManager::FILTERS`] and publish what it returns. [`ServiceManager::run`] drives it
-//! over an MQTT connection ([`polyhub_client`]), [`ServiceManager::run_local`] over an
-//! in-process client of polyhub's broker.
+//! over an MQTT connection ([`polyhub_client`]), `ServiceManager::run_local` (feature
+//! `embedded-broker`) over an in-process client of polyhub's broker.
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "embedded-broker")]
 use polyhub_broker::LocalClient;
 use polyhub_client::{ClientOptions, Event, EventLoop, QoS};
 
@@ -23,6 +24,7 @@ pub enum ServiceManagerError {
     #[error(transparent)]
     Sdk(#[from] SdkError),
     /// The in-process broker client failed.
+    #[cfg(feature = "embedded-broker")]
     #[error("broker: {0}")]
     Broker(#[from] polyhub_broker::BrokerError),
 }
@@ -126,7 +128,8 @@ impl ServiceManager {
     }
 
     /// Run over an in-process client of polyhub's broker (`broker.local_client(id)`) until the
-    /// broker shuts down.
+    /// broker shuts down. Needs the `embedded-broker` feature.
+    #[cfg(feature = "embedded-broker")]
     pub async fn run_local(mut self, mut client: LocalClient) -> Result<(), ServiceManagerError> {
         for filter in ServiceManager::FILTERS {
             client.subscribe(filter, QoS::AtLeastOnce).await?;
