@@ -1,7 +1,8 @@
 """Commands over XMPP (issue 5) end to end: a real Prosody on loopback, `polyhub run` logged in
-to it as the hub's account through `[polyglot.xmpp]`, and a device played by slixmpp
-(tests/hub/xmpp_device.py). Everything is observed through polyhub's REST API: presence,
-commands with receipts and replies, offline queueing, and telemetry sent as chat messages.
+to it as the hub's account through `[polyglot.xmpp]` (or connected as an XEP-0114 component),
+and a device played by slixmpp (tests/hub/xmpp_device.py). Everything is observed through
+polyhub's REST API: presence, commands with receipts and replies, offline queueing, and
+telemetry sent as chat messages.
 
 Needs prosody (apt) and slixmpp (pip) — missing either fails the tests, it never skips them.
 """
@@ -13,12 +14,14 @@ import json
 import pytest
 
 from hub_harness import (
-    XMPP_DOMAIN, ApiError, MqttClient, Prosody, XmppDevice, command_in_state, require_slixmpp,
-    restart, wait_until, xmpp_polyglot_config,
+    XMPP_DOMAIN, ApiError, MqttClient, Prosody, XmppDevice, command_in_state, free_port,
+    require_slixmpp, restart, wait_until, xmpp_polyglot_config,
 )
 
 HUB_PASSWORD = "hub-secret"
 DEVICE_PASSWORD = "device-secret"
+COMPONENT = f"hub.{XMPP_DOMAIN}"
+COMPONENT_SECRET = "component-secret"
 
 
 @pytest.fixture
@@ -31,6 +34,45 @@ def prosody(tmp_path):
     server.stop()
     # Shown by pytest only when the test failed: the server's side of the story.
     print(server.logs())
+
+
+@pytest.fixture
+def component_prosody(tmp_path):
+    """A Prosody that also accepts the component COMPONENT on `component_port` (loopback)."""
+    require_slixmpp()
+    workdir = tmp_path / "prosody"
+    workdir.mkdir()
+    server = Prosody(workdir)
+    server.component_port = free_port()
+    config = server.config.read_text()
+    assert "component_ports = { }" in config, "the harness's Prosody config changed"
+    config = config.replace(
+        "component_ports = { }",
+        f'component_ports = {{ {server.component_port} }}\ncomponent_interfaces = {{ "127.0.0.1" }}',
+    )
+    server.config.write_text(
+        config + f'Component "{COMPONENT}"\n    component_secret = "{COMPONENT_SECRET}"\n'
+    )
+    server.start()
+    yield server
+    server.stop()
+    print(server.logs())
+
+
+def component_polyglot_config(prosody) -> str:
+    """`[polyglot.xmpp]` as the component COMPONENT, registering device accounts on the client
+    listener."""
+    return (
+        "[polyglot.xmpp]\n"
+        'type = "xmpp"\n'
+        'mode = "component"\n'
+        f'component_domain = "{COMPONENT}"\n'
+        f'component_secret = "{COMPONENT_SECRET}"\n'
+        f'server = "127.0.0.1:{prosody.component_port}"\n'
+        f'registration_server = "{prosody.server}"\n'
+        "allow_plaintext = true\n"
+        "send_timeout_ms = 3000\n"
+    )
 
 
 @pytest.fixture
@@ -226,3 +268,49 @@ def test_a_device_registered_on_the_register_channel_is_followed_at_once(prosody
     wait_online(api, "v1", True)
     done = command_in_state(api, queued["id"], "acknowledged", "failed", "expired", "cancelled")
     assert done["state"] == "acknowledged", done
+
+
+def test_component_mode_presence_commands_telemetry_and_accounts(component_prosody, hub_factory, devices):
+    """`mode = "component"`: polyhub is `hub.localhost` (XEP-0114), not an account. The device's
+    account is created through the API over a client connection, the device approves the
+    component's presence subscription and is seen online and offline, commands are acknowledged
+    after their receipt or failed by the device, telemetry arrives, and removing the account
+    is refused (no admin account in component mode)."""
+    prosody = component_prosody
+    polyhub = hub_factory(component_polyglot_config(prosody))
+    api = polyhub.api
+    logged_in(polyhub)
+    hub_with_xmpp_device(api, "c1")
+    account = api.post("/devices/c1/account")
+    assert account["username"] == f"c1@{XMPP_DOMAIN}", account
+    assert presence(api, "c1")["online"] is False
+
+    # The device talks to the component's domain; it approves the subscription request that
+    # waited for it at the server, and its presence reaches polyhub.
+    device = devices(prosody, account["username"], account["password"], COMPONENT)
+    wait_online(api, "c1", True)
+
+    command = api.post("/devices/c1/commands", {"name": "reboot", "payload": {"delay": 5}, "wait_ms": 8000})
+    assert command["state"] == "acknowledged", command
+    assert command["reply"] == {"echo": "reboot", "payload": {"delay": 5}}
+    times = [command[k] for k in ("created_at", "sent_at", "delivered_at", "acknowledged_at")]
+    assert None not in times and times == sorted(times), command
+    assert device.wait_commands(1) == [{"id": command["id"], "name": "reboot", "payload": {"delay": 5}}]
+
+    failed = api.post("/devices/c1/commands", {"name": "fail", "wait_ms": 8000})
+    assert failed["state"] == "failed", failed
+    assert failed["reason"] == "asked to fail"
+
+    device.telemetry({"temperature": 19.5})
+    wait_until(
+        lambda: {row["signal"]: row["value"] for row in api.get("/devices/c1/telemetry/latest")["items"]}
+        == {"temperature": 19.5},
+        "c1's telemetry in GET /devices/c1/telemetry/latest",
+    )
+
+    device.kill()
+    wait_online(api, "c1", False)
+    # Only an admin account may delete accounts: refused, and the account is still there.
+    refused = assert_refused(lambda: api.delete("/devices/c1/account"), 400, "invalid_request")
+    assert "component" in refused.message, refused.message
+    assert_refused(lambda: api.post("/devices/c1/account"), 409, "conflict")

@@ -1,22 +1,30 @@
-//! [`XmppBackend`]: the hub's XMPP account as a Polyglot backend client.
+//! [`XmppBackend`]: the hub on an XMPP server (as an account or as a component) as a
+//! Polyglot backend client.
 //!
-//! One task owns the XMPP stream (tokio-xmpp's `StanzaStream`, which reconnects by itself with
-//! a backoff of 1 s doubling up to 30 s) and does everything that touches it: writing the
-//! stanzas callers hand it, and turning what arrives into [`BackendEvent`]s. Callers only share
-//! small tables with it (connection state, device presence, JID → device id), so
-//! `send_command` never waits on event handling.
+//! One task owns the connection (a [`Link`]: tokio-xmpp's `StanzaStream` for an account, the
+//! [`crate::component`] worker for a component; both reconnect by themselves with a backoff
+//! of 1 s doubling up to 30 s) and does everything that touches it: writing the stanzas
+//! callers hand it, and turning what arrives into [`BackendEvent`]s. The stanzas are the same
+//! in both modes; a component's carry its domain as sender. Callers only share small tables
+//! with the task (connection state, device presence, JID → device id), so `send_command`
+//! never waits on event handling.
 //!
-//! Presence: after every (re)connection the client sends its own presence and a subscription
-//! request to every known device of its protocol; devices accept it (or were pre-approved) and
-//! the server then forwards their presence. Subscription requests *from* known devices are
-//! approved.
+//! Presence: after every (re)connection the client sends a subscription request to every
+//! known device of its protocol; devices accept it (or were pre-approved) and the server then
+//! forwards their presence. An account also sends its own presence, on which its server sends
+//! the current presence of every subscribed contact. A component has no session presence for
+//! the server to act on, so it asks for the current presence itself: with a probe, sent only
+//! once the device's server has confirmed the subscription (`subscribed`, which Prosody sends
+//! both on approval and in answer to a request that was approved before). Never earlier:
+//! Prosody answers a probe from a contact that is not (yet) subscribed with `unsubscribed`
+//! on the device's behalf, which cancels the pending request before the device sees it.
+//! Subscription requests *from* known devices are approved in both modes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use parking_lot::Mutex;
 use polyhub_polyglot::backend::{
     BackendClient, BackendError, BackendEvent, Credentials, SendOutcome,
@@ -25,17 +33,15 @@ use polyhub_store::{Command, Device, ListQuery, Store, StoreError, now_millis};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_xmpp::Stanza;
-use tokio_xmpp::connect::{DnsConfig, StartTlsServerConnector, TcpServerConnector};
 use tokio_xmpp::jid::{BareJid, Jid};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::message::{Id, Lang, Message, MessageType};
 use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::receipts::{Received, Request as ReceiptRequest};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StreamEvent};
-use tokio_xmpp::xmlstream::Timeouts;
 
-use crate::settings::{Transport, XmppOptions};
+use crate::link::{Link, LinkEvent, Written};
+use crate::settings::XmppOptions;
 use crate::wire::{Body, classify_body, command_body, device_jid};
 use crate::{admin, provision};
 
@@ -76,7 +82,7 @@ impl Shared {
 enum Request {
     Stanza {
         stanza: Box<Stanza>,
-        token: Option<oneshot::Sender<tokio_xmpp::stanzastream::StanzaToken>>,
+        token: Option<oneshot::Sender<Written>>,
     },
     /// An IQ request whose answer (result or error, matched by id) goes to `answer`.
     Iq {
@@ -101,7 +107,7 @@ impl XmppBackend {
         store: Arc<dyn Store>,
         shutdown: CancellationToken,
     ) -> XmppBackend {
-        let stream = open_stream(&options);
+        let link = Link::open(&options, STREAM_QUEUE);
         let shared = Arc::new(Shared {
             options,
             connected: AtomicBool::new(false),
@@ -111,7 +117,7 @@ impl XmppBackend {
         let (requests, requests_rx) = mpsc::channel(REQUEST_QUEUE);
         let task = StreamTask {
             shared: shared.clone(),
-            stream,
+            link,
             requests: requests_rx,
             events,
             store,
@@ -121,7 +127,7 @@ impl XmppBackend {
         XmppBackend { shared, requests }
     }
 
-    /// Whether the hub's account is logged in right now.
+    /// Whether the hub is logged in (account) or connected (component) right now.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::SeqCst)
     }
@@ -141,17 +147,14 @@ impl XmppBackend {
         }
         let timeout = self.shared.options.send_timeout;
         let written = async {
-            let mut token = token_rx.await.ok()?;
-            token.wait_for(StanzaStage::Sent).await
+            match token_rx.await {
+                Ok(written) => written.outcome().await,
+                Err(_) => Err("the XMPP client stopped before writing the message".to_owned()),
+            }
         };
         match tokio::time::timeout(timeout, written).await {
-            Ok(Some(StanzaState::Sent { .. } | StanzaState::Acked { .. })) => Ok(()),
-            Ok(Some(StanzaState::Failed { error })) => Err(BackendError::Unavailable(format!(
-                "writing to the XMPP server failed: {error}"
-            ))),
-            Ok(_) => Err(BackendError::Unavailable(
-                "the XMPP stream dropped the message".to_owned(),
-            )),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(BackendError::Unavailable(reason)),
             Err(_) => Err(BackendError::Unavailable(format!(
                 "the XMPP server did not take the message within {timeout:?}"
             ))),
@@ -230,7 +233,16 @@ impl BackendClient for XmppBackend {
     async fn provision_device(&self, device: &Device) -> Result<Option<Credentials>, BackendError> {
         let jid = device_jid(device, &self.shared.options.device_domain)
             .map_err(BackendError::Rejected)?;
-        let credentials = provision::register(&self.shared.options, &jid).await?;
+        let Some(endpoint) = &self.shared.options.registration else {
+            return Err(BackendError::Unsupported(format!(
+                "cannot create the XMPP account {jid}: [polyglot.{}] is in component mode, which \
+                 has no client connection to register accounts on; set registration_server to \
+                 the server's client listener, or create the account on the server",
+                self.shared.options.protocol
+            )));
+        };
+        let credentials =
+            provision::register(endpoint, self.shared.options.send_timeout, &jid).await?;
         // Known from now on, so its presence counts as soon as it logs in.
         self.resolve(device).await?;
         Ok(Some(credentials))
@@ -239,6 +251,15 @@ impl BackendClient for XmppBackend {
     async fn remove_device(&self, device: &Device) -> Result<(), BackendError> {
         let jid = device_jid(device, &self.shared.options.device_domain)
             .map_err(BackendError::Rejected)?;
+        if self.shared.options.is_component() {
+            // XEP-0133 commands run with the rights of a logged-in admin account; a component
+            // is not one, and polyhub keeps no device password to cancel the registration with.
+            return Err(BackendError::Unsupported(format!(
+                "cannot remove the XMPP account {jid}: [polyglot.{}] is in component mode, and \
+                 only an admin account can delete accounts; delete it on the server",
+                self.shared.options.protocol
+            )));
+        }
         let host = BareJid::from_parts(None, jid.domain());
         let request_id = format!("polyhub-delete-{}", device.id);
         let opened = self
@@ -269,30 +290,6 @@ impl BackendClient for XmppBackend {
     }
 }
 
-fn open_stream(options: &XmppOptions) -> StanzaStream {
-    let jid = Jid::from(options.jid.clone());
-    let dns = DnsConfig::addr(&options.server);
-    // Loopback peers answer at once; tight timeouts notice a dead server in well under a
-    // minute instead of the default ten.
-    let timeouts = Timeouts::tight();
-    match options.transport {
-        Transport::Plaintext => StanzaStream::new_c2s(
-            TcpServerConnector::from(dns),
-            jid,
-            options.password.clone(),
-            timeouts,
-            STREAM_QUEUE,
-        ),
-        Transport::StartTls => StanzaStream::new_c2s(
-            StartTlsServerConnector::from(dns),
-            jid,
-            options.password.clone(),
-            timeouts,
-            STREAM_QUEUE,
-        ),
-    }
-}
-
 fn subscribe(jid: &BareJid) -> Stanza {
     Presence::subscribe().with_to(jid.clone()).into()
 }
@@ -300,7 +297,7 @@ fn subscribe(jid: &BareJid) -> Stanza {
 /// The task that owns the stream.
 struct StreamTask {
     shared: Arc<Shared>,
-    stream: StanzaStream,
+    link: Link,
     requests: mpsc::Receiver<Request>,
     events: mpsc::Sender<BackendEvent>,
     store: Arc<dyn Store>,
@@ -315,7 +312,7 @@ impl StreamTask {
                 _ = shutdown.cancelled() => break,
                 request = self.requests.recv() => match request {
                     Some(Request::Stanza { stanza, token }) => {
-                        let sent = self.stream.send(stanza).await;
+                        let sent = self.link.send(stanza).await;
                         if let Some(token) = token {
                             let _ = token.send(sent);
                         }
@@ -328,27 +325,25 @@ impl StreamTask {
                     // Every handle is gone: nobody can send any more.
                     None => break,
                 },
-                event = self.stream.next() => match event {
-                    Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => {
-                        tracing::info!(protocol = %self.shared.options.protocol, jid = %bound_jid, "logged in to the XMPP server");
+                event = self.link.next() => match event {
+                    Some(LinkEvent::Connected(address)) => {
+                        tracing::info!(protocol = %self.shared.options.protocol, jid = %address, "logged in to the XMPP server");
                         self.on_connected().await;
                     }
-                    Some(Event::Stream(StreamEvent::Resumed)) => {
+                    Some(LinkEvent::Resumed) => {
                         self.shared.connected.store(true, Ordering::SeqCst);
                     }
-                    Some(Event::Stream(StreamEvent::Suspended)) => {
+                    Some(LinkEvent::Lost) => {
                         tracing::warn!(protocol = %self.shared.options.protocol, "lost the XMPP connection; reconnecting");
                         self.on_disconnected().await;
                     }
-                    Some(Event::Stanza(stanza)) => self.on_stanza(stanza).await,
+                    Some(LinkEvent::Stanza(stanza)) => self.on_stanza(*stanza).await,
                     None => break,
                 },
             }
         }
         self.on_disconnected().await;
-        let stream = self.stream;
-        // Closing politely sends the stream footer; a dead server must not hold up shutdown.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.close()).await;
+        self.link.close(std::time::Duration::from_secs(2)).await;
     }
 
     async fn emit(&self, event: BackendEvent) {
@@ -359,13 +354,16 @@ impl StreamTask {
 
     async fn send(&mut self, stanza: Stanza) {
         // Untracked: if the stream breaks these are redone on the next connection anyway.
-        drop(self.stream.send(Box::new(stanza)).await);
+        drop(self.link.send(Box::new(stanza)).await);
     }
 
     async fn on_connected(&mut self) {
         // A new session: presence learnt on the old one is void until re-announced.
         self.on_disconnected().await;
-        self.send(Presence::available().into()).await;
+        if !self.shared.options.is_component() {
+            // Broadcast to the account's roster; a component has none.
+            self.send(Presence::available().into()).await;
+        }
         match self.load_devices().await {
             Ok(()) => {}
             Err(error) => {
@@ -481,6 +479,13 @@ impl StreamTask {
                 self.send(Presence::subscribed().with_to(bare.clone()).into())
                     .await;
                 self.send(subscribe(&bare)).await;
+                None
+            }
+            PresenceType::Subscribed if self.shared.options.is_component() => {
+                // Subscribed now, so a probe is answered with the device's presence (see the
+                // module documentation for why not before).
+                self.send(Presence::probe().with_to(bare.clone()).into())
+                    .await;
                 None
             }
             _ => None,

@@ -3,9 +3,12 @@
 //! Registration happens before authentication, so it needs its own short-lived stream (the
 //! hub's logged-in session cannot register a different account): connect, optionally
 //! STARTTLS, ask for `<device>@<domain>` with a fresh random password, read the answer, close.
+//! It does not need the hub to be logged in, so a component can register devices too, given
+//! the server's client-to-server listener ([`ClientEndpoint`]).
 
 use std::borrow::Cow;
 use std::io::Read;
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use polyhub_polyglot::backend::{BackendError, Credentials};
@@ -23,15 +26,17 @@ use tokio_xmpp::xmlstream::{
     initiate_stream,
 };
 
-use crate::settings::{Transport, XmppOptions};
+use crate::settings::{ClientEndpoint, Transport};
 
 const REGISTER_IQ_ID: &str = "polyhub-register";
 /// Random bytes in a generated password (hex-encoded: twice as many characters).
 const PASSWORD_BYTES: usize = 18;
 
-/// Creates the account `jid` on the server with a random password.
+/// Creates the account `jid` on the server at `endpoint` with a random password, within
+/// `timeout`.
 pub(crate) async fn register(
-    options: &XmppOptions,
+    endpoint: &ClientEndpoint,
+    timeout: Duration,
     jid: &BareJid,
 ) -> Result<Credentials, BackendError> {
     let Some(username) = jid.node().map(|node| node.as_str().to_owned()) else {
@@ -46,12 +51,12 @@ pub(crate) async fn register(
         ..LegacyQuery::default()
     };
     let domain = jid.domain().as_str();
-    tokio::time::timeout(options.send_timeout, async {
-        let tcp = TcpStream::connect(&options.server)
+    tokio::time::timeout(timeout, async {
+        let tcp = TcpStream::connect(&endpoint.server)
             .await
             .map_err(|error| unavailable("connecting to the XMPP server", error))?;
         let tcp = BufStream::new(tcp);
-        match options.transport {
+        match endpoint.transport {
             Transport::Plaintext => request_registration(open(tcp, domain).await?, query).await,
             Transport::StartTls => {
                 let plain = open(tcp, domain).await?;
@@ -64,10 +69,7 @@ pub(crate) async fn register(
     })
     .await
     .map_err(|_| {
-        BackendError::Unavailable(format!(
-            "registering {jid} took longer than {:?}",
-            options.send_timeout
-        ))
+        BackendError::Unavailable(format!("registering {jid} took longer than {timeout:?}"))
     })??;
     Ok(Credentials {
         username: jid.to_string(),

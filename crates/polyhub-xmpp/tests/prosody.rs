@@ -26,13 +26,18 @@ use tokio_util::sync::CancellationToken;
 
 const DOMAIN: &str = "localhost";
 const HUB_PASSWORD: &str = "hub-secret";
+/// The component the test server accepts, and its secret.
+const COMPONENT: &str = "hub.localhost";
+const COMPONENT_SECRET: &str = "component-secret";
 /// Bound on every wait, so a broken exchange fails the test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A Prosody on a free loopback port, in its own temporary folder; killed on drop.
+/// A Prosody on free loopback ports (client and component listeners), in its own temporary
+/// folder; killed on drop.
 struct Prosody {
     child: Child,
     port: u16,
+    component_port: u16,
     config: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -41,6 +46,10 @@ impl Drop for Prosody {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The server's side of a failed exchange, before its folder is deleted.
+            eprintln!("--- prosody logs ---\n{}", self.logs());
+        }
     }
 }
 
@@ -64,6 +73,7 @@ impl Prosody {
         );
         let dir = tempfile::tempdir().expect("temporary folder");
         let port = free_port();
+        let component_port = free_port();
         let path = dir.path();
         let config = path.join("prosody.cfg.lua");
         std::fs::create_dir_all(path.join("data")).expect("data folder");
@@ -76,7 +86,8 @@ log = {{ info = "{dir}/prosody.log" }}
 interfaces = {{ "127.0.0.1" }}
 c2s_ports = {{ {port} }}
 s2s_ports = {{ }}
-component_ports = {{ }}
+component_ports = {{ {component_port} }}
+component_interfaces = {{ "127.0.0.1" }}
 http_ports = {{ }}
 https_ports = {{ }}
 modules_enabled = {{ "roster", "saslauth", "disco", "register", "offline", "ping", "adhoc", "admin_adhoc" }}
@@ -88,6 +99,8 @@ allow_registration = true
 min_seconds_between_registrations = 0
 authentication = "internal_plain"
 VirtualHost "{DOMAIN}"
+Component "{COMPONENT}"
+    component_secret = "{COMPONENT_SECRET}"
 "#,
             dir = path.display(),
         );
@@ -96,6 +109,7 @@ VirtualHost "{DOMAIN}"
         let mut prosody = Prosody {
             child,
             port,
+            component_port,
             config,
             _dir: dir,
         };
@@ -113,7 +127,8 @@ VirtualHost "{DOMAIN}"
 
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let listening = |port| TcpStream::connect(("127.0.0.1", port)).is_ok();
+        while !(listening(self.port) && listening(self.component_port)) {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("prosody exited ({status}):\n{}", self.logs());
             }
@@ -153,6 +168,10 @@ VirtualHost "{DOMAIN}"
 
     fn server(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    fn component_server(&self) -> String {
+        format!("127.0.0.1:{}", self.component_port)
     }
 }
 
@@ -353,11 +372,39 @@ async fn build_as(
     store: Arc<dyn Store>,
     shutdown: &CancellationToken,
 ) -> (Arc<dyn BackendClient>, Events) {
-    let (events, rx) = mpsc::channel(64);
     let mut settings = toml::Table::new();
     settings.insert("jid".into(), format!("{user}@{DOMAIN}").into());
     settings.insert("password".into(), HUB_PASSWORD.into());
     settings.insert("server".into(), server.into());
+    build_with(settings, store, shutdown).await
+}
+
+/// A client in component mode ([`COMPONENT`]) on the component listener `server`, registering
+/// device accounts on `registration_server` if given.
+async fn build_component(
+    server: &str,
+    registration_server: Option<&str>,
+    store: Arc<dyn Store>,
+    shutdown: &CancellationToken,
+) -> (Arc<dyn BackendClient>, Events) {
+    let mut settings = toml::Table::new();
+    settings.insert("mode".into(), "component".into());
+    settings.insert("component_domain".into(), COMPONENT.into());
+    settings.insert("component_secret".into(), COMPONENT_SECRET.into());
+    settings.insert("server".into(), server.into());
+    if let Some(registration_server) = registration_server {
+        settings.insert("registration_server".into(), registration_server.into());
+    }
+    build_with(settings, store, shutdown).await
+}
+
+/// A client from `settings`, plaintext (loopback) and with a short send timeout.
+async fn build_with(
+    mut settings: toml::Table,
+    store: Arc<dyn Store>,
+    shutdown: &CancellationToken,
+) -> (Arc<dyn BackendClient>, Events) {
+    let (events, rx) = mpsc::channel(64);
     settings.insert("allow_plaintext".into(), true.into());
     settings.insert("send_timeout_ms".into(), 3000.into());
     let context = FactoryContext {
@@ -380,46 +427,32 @@ async fn build_as(
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_receipts_replies_telemetry_and_presence_through_prosody() {
-    let prosody = Prosody::start();
-    prosody.register("hub", HUB_PASSWORD);
-    let data = tempfile::tempdir().expect("temporary folder");
-    let (store, device) = store_with_device(data.path(), "dev1").await;
-    let shutdown = CancellationToken::new();
-    let (client, mut events) = build(&prosody.server(), store, &shutdown).await;
-    assert_eq!(client.protocol(), "xmpp");
-
-    // The device's account, made by in-band registration; a second one is refused.
-    let credentials = client
-        .provision_device(&device)
-        .await
-        .expect("provisioning")
-        .expect("credentials");
-    assert_eq!(credentials.username, "dev1@localhost");
-    assert!(matches!(
-        client.provision_device(&device).await,
-        Err(BackendError::Rejected(_))
-    ));
-    assert_eq!(client.is_online("dev1"), Some(false));
-
-    let process = DeviceProcess::start(
-        &credentials.username,
-        &credentials.password,
-        &prosody,
-        &format!("hub@{DOMAIN}"),
-    )
-    .await;
+/// Waits until `device_id` is reported online (or offline), and checks the client agrees.
+async fn wait_presence(
+    client: &dyn BackendClient,
+    events: &mut Events,
+    device_id: &str,
+    online: bool,
+) {
+    let what = if online {
+        "presence online"
+    } else {
+        "presence offline"
+    };
     events
-        .wait_for("presence online", |event| {
-            matches!(event, BackendEvent::Presence { device_id, online: true, .. } if device_id == "dev1")
+        .wait_for(what, |event| {
+            matches!(event, BackendEvent::Presence { device_id: id, online: state, .. } if id == device_id && *state == online)
         })
         .await;
-    assert_eq!(client.is_online("dev1"), Some(true));
+    assert_eq!(client.is_online(device_id), Some(online));
+}
 
-    let reboot = command("cmd-0001", &device, "reboot", json!({"delay": 5}));
+/// A command acknowledged after its receipt, the telemetry the device script sends after each
+/// reply, and a command the device fails: what every mode must do with an online device.
+async fn command_round_trips(client: &dyn BackendClient, events: &mut Events, device: &Device) {
+    let reboot = command("cmd-0001", device, "reboot", json!({"delay": 5}));
     assert_eq!(
-        client.send_command(&device, &reboot).await.expect("send"),
+        client.send_command(device, &reboot).await.expect("send"),
         SendOutcome::Sent
     );
     events
@@ -470,8 +503,8 @@ async fn commands_receipts_replies_telemetry_and_presence_through_prosody() {
     );
 
     // A device that reports an error fails the command with its reason.
-    let fail = command("cmd-0002", &device, "fail", serde_json::Value::Null);
-    client.send_command(&device, &fail).await.expect("send");
+    let fail = command("cmd-0002", device, "fail", serde_json::Value::Null);
+    client.send_command(device, &fail).await.expect("send");
     let failed = events
         .wait_for("the error reply", |event| {
             matches!(event, BackendEvent::Reply { command_id: Some(id), .. } if id == "cmd-0002")
@@ -481,15 +514,212 @@ async fn commands_receipts_replies_telemetry_and_presence_through_prosody() {
         failed,
         BackendEvent::Reply { ok: false, reason: Some(ref reason), .. } if reason == "asked to fail"
     ));
+}
 
-    process.kill().await;
-    events
-        .wait_for("presence offline", |event| {
-            matches!(event, BackendEvent::Presence { device_id, online: false, .. } if device_id == "dev1")
-        })
-        .await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_receipts_replies_telemetry_and_presence_through_prosody() {
+    let prosody = Prosody::start();
+    prosody.register("hub", HUB_PASSWORD);
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let shutdown = CancellationToken::new();
+    let (client, mut events) = build(&prosody.server(), store, &shutdown).await;
+    assert_eq!(client.protocol(), "xmpp");
+
+    // The device's account, made by in-band registration; a second one is refused.
+    let credentials = client
+        .provision_device(&device)
+        .await
+        .expect("provisioning")
+        .expect("credentials");
+    assert_eq!(credentials.username, "dev1@localhost");
+    assert!(matches!(
+        client.provision_device(&device).await,
+        Err(BackendError::Rejected(_))
+    ));
     assert_eq!(client.is_online("dev1"), Some(false));
 
+    let process = DeviceProcess::start(
+        &credentials.username,
+        &credentials.password,
+        &prosody,
+        &format!("hub@{DOMAIN}"),
+    )
+    .await;
+    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
+
+    command_round_trips(client.as_ref(), &mut events, &device).await;
+
+    process.kill().await;
+    wait_presence(client.as_ref(), &mut events, "dev1", false).await;
+
+    shutdown.cancel();
+}
+
+/// Component mode (XEP-0114): the same exchange as an account, from `hub.localhost`. The
+/// device account is registered over a short client connection (`registration_server`), and
+/// the component, which has no roster, gets the device's presence by subscribing (the device
+/// script auto-approves) and probing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_mode_commands_receipts_replies_telemetry_and_presence() {
+    let prosody = Prosody::start();
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let shutdown = CancellationToken::new();
+    let (client, mut events) = build_component(
+        &prosody.component_server(),
+        Some(&prosody.server()),
+        store,
+        &shutdown,
+    )
+    .await;
+
+    let credentials = client
+        .provision_device(&device)
+        .await
+        .expect("provisioning over a client connection")
+        .expect("credentials");
+    assert_eq!(credentials.username, "dev1@localhost");
+    // Removal needs an admin account's session, which a component does not have.
+    match client.remove_device(&device).await {
+        Err(BackendError::Unsupported(message)) => {
+            assert!(message.contains("component mode"), "{message}")
+        }
+        other => panic!("removal in component mode must be unsupported, got {other:?}"),
+    }
+    assert_eq!(client.is_online("dev1"), Some(false));
+
+    // The subscription request waits for the device at the server; once it logs in and
+    // approves it, its presence reaches the component.
+    let process = DeviceProcess::start(
+        &credentials.username,
+        &credentials.password,
+        &prosody,
+        COMPONENT,
+    )
+    .await;
+    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
+
+    command_round_trips(client.as_ref(), &mut events, &device).await;
+
+    process.kill().await;
+    wait_presence(client.as_ref(), &mut events, "dev1", false).await;
+    shutdown.cancel();
+}
+
+/// A device that is already online and subscribed when the component connects is found by
+/// asking at connection (nothing else would announce it), and followed afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_mode_finds_devices_online_before_it_connects() {
+    let prosody = Prosody::start();
+    prosody.register("dev1", "dev1-password");
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let process =
+        DeviceProcess::start("dev1@localhost", "dev1-password", &prosody, COMPONENT).await;
+
+    // A first connection gets the subscription approved.
+    let first = CancellationToken::new();
+    let (client, mut events) =
+        build_component(&prosody.component_server(), None, store.clone(), &first).await;
+    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
+    first.cancel();
+    drop(client);
+
+    // A new connection: the device neither logs in again nor changes its presence, so only
+    // the answers to the component's requests (the subscription request, which Prosody answers
+    // with `subscribed` and the current presence; the probe sent on `subscribed`) can tell the
+    // component it is online.
+    let second = CancellationToken::new();
+    let (client, mut events) =
+        build_component(&prosody.component_server(), None, store, &second).await;
+    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
+    command_round_trips(client.as_ref(), &mut events, &device).await;
+    process.kill().await;
+    wait_presence(client.as_ref(), &mut events, "dev1", false).await;
+    second.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_mode_reconnects_after_the_server_restarts() {
+    let mut prosody = Prosody::start();
+    prosody.register("dev1", "dev1-password");
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let shutdown = CancellationToken::new();
+    let (client, mut events) =
+        build_component(&prosody.component_server(), None, store, &shutdown).await;
+    let process =
+        DeviceProcess::start("dev1@localhost", "dev1-password", &prosody, COMPONENT).await;
+    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
+
+    prosody.restart();
+    // Without a connection the hub cannot reach the device: offline at once.
+    wait_presence(client.as_ref(), &mut events, "dev1", false).await;
+    process.kill().await;
+    let process =
+        DeviceProcess::start("dev1@localhost", "dev1-password", &prosody, COMPONENT).await;
+    // Back once the component has reconnected (first retry after 1 s) and asked again.
+    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
+    let ping = command("cmd-0003", &device, "ping", serde_json::Value::Null);
+    client.send_command(&device, &ping).await.expect("send");
+    events
+        .wait_for("the reply after the restart", |event| {
+            matches!(event, BackendEvent::Reply { command_id: Some(id), ok: true, .. } if id == "cmd-0003")
+        })
+        .await;
+    process.kill().await;
+    shutdown.cancel();
+}
+
+/// A wrong secret never connects: commands stay unavailable rather than going anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn component_mode_with_a_wrong_secret_stays_unavailable() {
+    let prosody = Prosody::start();
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let shutdown = CancellationToken::new();
+    let mut settings = toml::Table::new();
+    settings.insert("mode".into(), "component".into());
+    settings.insert("component_domain".into(), COMPONENT.into());
+    settings.insert("component_secret".into(), "not-the-secret".into());
+    settings.insert("server".into(), prosody.component_server().into());
+    let (client, _events) = build_with(settings, store, &shutdown).await;
+    // Long enough for the handshake to be answered (and refused) on loopback.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reboot = command("cmd-0001", &device, "reboot", serde_json::Value::Null);
+    assert!(matches!(
+        client.send_command(&device, &reboot).await,
+        Err(BackendError::Unavailable(_))
+    ));
+    assert_eq!(client.is_online("dev1"), Some(false));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn component_mode_without_a_registration_server_cannot_provision() {
+    let data = tempfile::tempdir().expect("temporary folder");
+    let (store, device) = store_with_device(data.path(), "dev1").await;
+    let shutdown = CancellationToken::new();
+    // Nothing listens there; provisioning must not even try.
+    let server = format!("127.0.0.1:{}", free_port());
+    let (client, _events) = build_component(&server, None, store, &shutdown).await;
+    for outcome in [
+        client.provision_device(&device).await.map(|_| ()),
+        client.remove_device(&device).await,
+    ] {
+        match outcome {
+            Err(BackendError::Unsupported(message)) => {
+                assert!(message.contains("component mode"), "{message}")
+            }
+            other => panic!("expected Unsupported naming component mode, got {other:?}"),
+        }
+    }
+    let reboot = command("cmd-0001", &device, "reboot", serde_json::Value::Null);
+    assert!(matches!(
+        client.send_command(&device, &reboot).await,
+        Err(BackendError::Unavailable(_))
+    ));
     shutdown.cancel();
 }
 

@@ -494,7 +494,9 @@ fn no_accounts(device: &Device) -> RuntimeError {
 fn account_error(device: &Device, error: BackendError) -> RuntimeError {
     match error {
         BackendError::Rejected(message) => RuntimeError::Conflict(message),
-        BackendError::Unsupported(_) | BackendError::Config(_) => no_accounts(device),
+        // The client's own reason (say, XMPP component mode) says more than ours.
+        BackendError::Unsupported(message) => RuntimeError::Invalid(message),
+        BackendError::Config(_) => no_accounts(device),
         BackendError::Unavailable(message) => RuntimeError::Failed(message),
     }
 }
