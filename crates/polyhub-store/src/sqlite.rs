@@ -36,7 +36,9 @@
 //! written only through the `polyhub run` process's store (the API and the hub manager); a
 //! parser child process never changes them.
 //!
-//! Durability: `synchronous=FULL`, so a commit syncs the WAL before the write returns. A parser
+//! Durability: `synchronous=FULL`, so a commit syncs the WAL before the write returns (with
+//! `fdatasync`: the workspace builds the bundled SQLite with `HAVE_FDATASYNC`, see
+//! `.cargo/config.toml`). A parser
 //! acknowledges messages to the broker only after `write_batch` returns, and with `NORMAL` a
 //! power loss could drop the last commits after their messages were acknowledged. The cost is
 //! one fsync per commit (not per row), which batching amortises: with 1000-row batches the
