@@ -958,7 +958,8 @@ def main(argv: list[str]) -> int:
     stem.with_suffix(".md").write_text(render_markdown(report))
     print(f"bench: wrote {stem}.md and .json", flush=True)
     for target in report["targets"]:
-        print(f"  {verdict(target['ok'])}: {target['target']}: {target['result']}")
+        shown = "context" if target["target"].startswith("context") else verdict(target["ok"])
+        print(f"  {shown}: {target['target']}: {target['result']}")
     print(f"  reruns for interference: {report['reruns']}")
     return 0
 
