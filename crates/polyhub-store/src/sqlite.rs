@@ -985,6 +985,27 @@ mod tests {
         .unwrap()
     }
 
+    /// Creates the scratch table `t (n INTEGER PRIMARY KEY)` the write-path tests use.
+    fn create_table_t(runtime: &tokio::runtime::Runtime, store: &SqliteStore) {
+        runtime
+            .block_on(store.write(|conn| {
+                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
+                Ok(())
+            }))
+            .unwrap();
+    }
+
+    /// How many rows `t` holds.
+    fn rows_of_t(runtime: &tokio::runtime::Runtime, store: &SqliteStore) -> i64 {
+        runtime
+            .block_on(
+                store.read(|conn| {
+                    Ok(conn.query_row("SELECT count(*) FROM t", [], |row| row.get(0))?)
+                }),
+            )
+            .unwrap()
+    }
+
     /// Occupies the store's writer with a write that lasts until the returned sender is used;
     /// returns once that write runs.
     async fn occupy_writer(
@@ -1065,12 +1086,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
         let runtime = runtime();
-        runtime
-            .block_on(store.write(|conn| {
-                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
-                Ok(())
-            }))
-            .unwrap();
+        create_table_t(&runtime, &store);
         // Hold the writer thread busy so that the writes below queue up behind it and are
         // taken as one batch.
         let results = runtime.block_on(async {
@@ -1181,12 +1197,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        runtime
-            .block_on(store.write(|conn| {
-                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
-                Ok(())
-            }))
-            .unwrap();
+        create_table_t(&runtime, &store);
         let other_process = Connection::open(store.path()).unwrap();
         other_process.execute_batch("BEGIN IMMEDIATE").unwrap();
 
@@ -1214,13 +1225,7 @@ mod tests {
         });
         assert!(!waited_in_place, "the runtime thread was held up");
         assert_ne!(ran_on, caller, "the write waited on the caller's thread");
-        let count: i64 =
-            runtime
-                .block_on(store.read(|conn| {
-                    Ok(conn.query_row("SELECT count(*) FROM t", [], |row| row.get(0))?)
-                }))
-                .unwrap();
-        assert_eq!(count, 1);
+        assert_eq!(rows_of_t(&runtime, &store), 1);
     }
 
     /// Many writers at once, from many tasks: each is answered, once, with its own result,
@@ -1230,12 +1235,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
         let runtime = runtime();
-        runtime
-            .block_on(store.write(|conn| {
-                conn.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)")?;
-                Ok(())
-            }))
-            .unwrap();
+        create_table_t(&runtime, &store);
         let answers = runtime.block_on(async {
             let mut writes = Vec::new();
             for n in 0..500_i64 {
@@ -1264,13 +1264,7 @@ mod tests {
             answers
         });
         assert_eq!(answers, (0..500).collect::<Vec<i64>>());
-        let count: i64 =
-            runtime
-                .block_on(store.read(|conn| {
-                    Ok(conn.query_row("SELECT count(*) FROM t", [], |row| row.get(0))?)
-                }))
-                .unwrap();
-        assert_eq!(count, 500);
+        assert_eq!(rows_of_t(&runtime, &store), 500);
         assert!(store.shared.queued_writes.lock().is_empty());
         assert!(!store.shared.draining.load(Ordering::SeqCst));
     }
