@@ -429,3 +429,25 @@ def test_a_clean_session_device_gets_what_was_queued_once_it_has_subscribed(poly
             assert command_in_state(api, command["id"], "acknowledged", "failed")["state"] == "acknowledged"
     finally:
         device.close()
+
+
+def test_a_device_subscribed_elsewhere_first_gets_its_command_once_it_subscribes_to_it(polyhub, api):
+    """Connected and subscribed to another topic is not enough: the command waits (still
+    `queued`, not recorded as delivered to nobody) until the device subscribes to its command
+    topic, then goes out."""
+    api.add_group("g")
+    api.add_hub("h", "g")
+    api.add_device("d1", "h")
+    command = submit(api, "d1", "led", "on")
+    device = MqttClient(polyhub.mqtt_port, "d1")
+    try:
+        device.subscribe("/h/d1/config")
+        time.sleep(1.5)  # the service tried and was told to wait
+        assert api.get(f"/commands/{command['id']}")["state"] == "queued"
+        assert device.count() == 0
+        device.subscribe("/h/d1/cmd")
+        received = device.wait_message(lambda m: m.topic == "/h/d1/cmd", "the queued command")
+        assert json.loads(received.payload)["id"] == command["id"]
+        assert command_in_state(api, command["id"], "delivered")["attempts"] == 1
+    finally:
+        device.close()

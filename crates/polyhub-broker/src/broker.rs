@@ -412,6 +412,25 @@ impl Broker {
         Some(state.subscriptions.iter().next().is_some())
     }
 
+    /// Whether the network client `client_id` would receive a message on `topic`: its session
+    /// (connected or not) has a subscription matching it (`None`: no network session of that
+    /// id). A device's commands use this to tell "connected, but not subscribed to its command
+    /// topic yet" from "can be sent to".
+    pub fn client_subscribed(&self, client_id: &str, topic: &str) -> Option<bool> {
+        let session = self.shared.sessions.lock().get(client_id).cloned()?;
+        if session.kind() != SessionKind::Network {
+            return None;
+        }
+        let state = session.state.lock();
+        Some(state.subscriptions.iter().any(|(filter, _)| {
+            let plain = match polyhub_mqtt::topic::parse_shared(filter) {
+                Ok(Some((_group, inner))) => inner,
+                _ => filter,
+            };
+            polyhub_mqtt::topic::matches(plain, topic)
+        }))
+    }
+
     /// The sequence number of the most recently routed message (see [`LocalMessage::seq`]).
     ///
     /// [`LocalMessage::seq`]: crate::LocalMessage::seq

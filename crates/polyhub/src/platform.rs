@@ -123,12 +123,19 @@ pub(crate) async fn start(
         MqttClientFactory::new(PresenceTable::default()).with_external_hub()
     } else {
         // The broker's sessions say who can be sent to: a device counts as reachable once it
-        // has subscribed; ids without a session (sgframework resource names) fall back to the
+        // has subscribed, and a command goes out once it has subscribed to that command's
+        // topic; ids without a session (sgframework resource names) fall back to the
         // presence their messages report.
         let sessions = broker.clone();
-        MqttClientFactory::new(PresenceTable::with_connections(Arc::new(
-            move |device_id: &str| sessions.client_reachable(device_id),
-        )))
+        let subscriptions = broker.clone();
+        MqttClientFactory::new(
+            PresenceTable::with_connections(Arc::new(move |device_id: &str| {
+                sessions.client_reachable(device_id)
+            }))
+            .with_subscriptions(Arc::new(move |device_id: &str, topic: &str| {
+                subscriptions.client_subscribed(device_id, topic)
+            })),
+        )
     };
     let mqtt_factory = mqtt_factory.with_external(Arc::new(commands_only_broker));
     let registry = ClientRegistry::new()

@@ -73,11 +73,16 @@ const SGFRAMEWORK_PRESENCE_FILTER: &str = "resourceavailable/+/presence";
 pub struct PresenceTable {
     reported: Arc<RwLock<HashMap<String, bool>>>,
     connections: Option<ConnectionLookup>,
+    subscriptions: Option<SubscriptionLookup>,
 }
 
 /// Whether a client id is connected and can be sent to (`None`: the broker has no session of
 /// that id; see [`PresenceTable::with_connections`]).
 pub type ConnectionLookup = Arc<dyn Fn(&str) -> Option<bool> + Send + Sync>;
+
+/// Whether the session of a client id has a subscription matching a topic (`None`: the broker
+/// has no session of that id); see [`PresenceTable::with_subscriptions`].
+pub type SubscriptionLookup = Arc<dyn Fn(&str, &str) -> Option<bool> + Send + Sync>;
 
 impl std::fmt::Debug for PresenceTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,7 +103,23 @@ impl PresenceTable {
         PresenceTable {
             reported: Arc::default(),
             connections: Some(connections),
+            subscriptions: None,
         }
+    }
+
+    /// Also asks the broker whether a device's session is subscribed to the very topic a
+    /// command goes to: a device that subscribed to something else first is connected and
+    /// "reachable", yet a command published then would reach nobody.
+    pub fn with_subscriptions(mut self, subscriptions: SubscriptionLookup) -> PresenceTable {
+        self.subscriptions = Some(subscriptions);
+        self
+    }
+
+    /// Whether `device_id`'s session would receive a message on `topic` (`None`: not known).
+    pub fn subscribed(&self, device_id: &str, topic: &str) -> Option<bool> {
+        self.subscriptions
+            .as_ref()
+            .and_then(|subscriptions| subscriptions(device_id, topic))
     }
 
     /// Records presence that a message reported for `device_id`.
@@ -368,6 +389,18 @@ impl BackendClient for MqttBackend {
             let _order = self.send_order.lock().await;
             let route = self.route(device).await?;
             let parts = self.outgoing(device, command, route)?;
+            if self
+                .shared
+                .presence
+                .subscribed(&device.id, &parts.message.topic)
+                == Some(false)
+            {
+                // Sent now, it would reach nobody; the service tries again shortly.
+                return Err(BackendError::Unavailable(format!(
+                    "device {:?} is not subscribed to {:?} yet",
+                    device.id, parts.message.topic
+                )));
+            }
             let request = PublishRequest {
                 message: parts.message,
                 echo: parts.echo,
