@@ -401,15 +401,12 @@ impl Broker {
     /// something (`None`: no network session of that id). Until a device that just connected
     /// has subscribed, a command published to it would reach nobody.
     pub fn client_reachable(&self, client_id: &str) -> Option<bool> {
-        let session = self.shared.sessions.lock().get(client_id).cloned()?;
-        if session.kind() != SessionKind::Network {
-            return None;
-        }
+        let session = self.network_session(client_id)?;
         if !session.is_online() {
             return Some(false);
         }
         let state = session.state.lock();
-        Some(state.subscriptions.iter().next().is_some())
+        Some(!state.subscriptions.is_empty())
     }
 
     /// Whether the network client `client_id` would receive a message on `topic`: its session
@@ -417,10 +414,7 @@ impl Broker {
     /// id). A device's commands use this to tell "connected, but not subscribed to its command
     /// topic yet" from "can be sent to".
     pub fn client_subscribed(&self, client_id: &str, topic: &str) -> Option<bool> {
-        let session = self.shared.sessions.lock().get(client_id).cloned()?;
-        if session.kind() != SessionKind::Network {
-            return None;
-        }
+        let session = self.network_session(client_id)?;
         let state = session.state.lock();
         Some(state.subscriptions.iter().any(|(filter, _)| {
             let plain = match polyhub_mqtt::topic::parse_shared(filter) {
@@ -429,6 +423,13 @@ impl Broker {
             };
             polyhub_mqtt::topic::matches(plain, topic)
         }))
+    }
+
+    /// The session of the network client `client_id`, if there is one (in-process clients'
+    /// sessions are not devices).
+    fn network_session(&self, client_id: &str) -> Option<Arc<Session>> {
+        let session = self.shared.sessions.lock().get(client_id).cloned()?;
+        (session.kind() == SessionKind::Network).then_some(session)
     }
 
     /// The sequence number of the most recently routed message (see [`LocalMessage::seq`]).

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use polyhub_hub::ChannelTemplates;
-use polyhub_polyglot::backend::{BackendClient, BackendError, BackendEvent, SendOutcome};
+use polyhub_polyglot::backend::{
+    BackendClient, BackendError, BackendEvent, Credentials, SendOutcome,
+};
 use polyhub_polyglot::registry::{ClientFactory, FactoryContext};
 use polyhub_store::{
     Command, CommandState, Device, NewDevice, NewGroup, NewHub, SqliteConfig, SqliteStore, Store,
@@ -449,6 +451,24 @@ async fn wait_presence(
 
 /// A command acknowledged after its receipt, the telemetry the device script sends after each
 /// reply, and a command the device fails: what every mode must do with an online device.
+/// The device logs in with `credentials` (talking to `hub`) and is seen online, gets through
+/// [`command_round_trips`], and is seen offline once its process is killed.
+async fn device_online_round_trip_offline(
+    client: &dyn BackendClient,
+    events: &mut Events,
+    device: &Device,
+    credentials: &Credentials,
+    prosody: &Prosody,
+    hub: &str,
+) {
+    let process =
+        DeviceProcess::start(&credentials.username, &credentials.password, prosody, hub).await;
+    wait_presence(client, events, &device.id, true).await;
+    command_round_trips(client, events, device).await;
+    process.kill().await;
+    wait_presence(client, events, &device.id, false).await;
+}
+
 async fn command_round_trips(client: &dyn BackendClient, events: &mut Events, device: &Device) {
     let reboot = command("cmd-0001", device, "reboot", json!({"delay": 5}));
     assert_eq!(
@@ -539,20 +559,15 @@ async fn commands_receipts_replies_telemetry_and_presence_through_prosody() {
     ));
     assert_eq!(client.is_online("dev1"), Some(false));
 
-    let process = DeviceProcess::start(
-        &credentials.username,
-        &credentials.password,
+    device_online_round_trip_offline(
+        client.as_ref(),
+        &mut events,
+        &device,
+        &credentials,
         &prosody,
         &format!("hub@{DOMAIN}"),
     )
     .await;
-    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
-
-    command_round_trips(client.as_ref(), &mut events, &device).await;
-
-    process.kill().await;
-    wait_presence(client.as_ref(), &mut events, "dev1", false).await;
-
     shutdown.cancel();
 }
 
@@ -591,19 +606,15 @@ async fn component_mode_commands_receipts_replies_telemetry_and_presence() {
 
     // The subscription request waits for the device at the server; once it logs in and
     // approves it, its presence reaches the component.
-    let process = DeviceProcess::start(
-        &credentials.username,
-        &credentials.password,
+    device_online_round_trip_offline(
+        client.as_ref(),
+        &mut events,
+        &device,
+        &credentials,
         &prosody,
         COMPONENT,
     )
     .await;
-    wait_presence(client.as_ref(), &mut events, "dev1", true).await;
-
-    command_round_trips(client.as_ref(), &mut events, &device).await;
-
-    process.kill().await;
-    wait_presence(client.as_ref(), &mut events, "dev1", false).await;
     shutdown.cancel();
 }
 
