@@ -15,6 +15,7 @@ use polyhub_store::{
     Command, CommandState, DesiredState, Device, HubSettings, NewCommandRecord, NewDevice,
     NewGroup, NewHub, SqliteConfig, SqliteStore, Store, Value, now_millis,
 };
+use polyhub_testkit::store::MemoryStore;
 use serde_json::json;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -147,7 +148,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn start(store: Arc<SqliteStore>, client: Arc<FakeClient>, config: CommandConfig) -> Harness {
+    fn start(store: Arc<impl Store>, client: Arc<FakeClient>, config: CommandConfig) -> Harness {
         let (events, receiver) = mpsc::channel(64);
         let polyglot =
             Polyglot::from_clients([(PROTOCOL.to_owned(), client as Arc<dyn BackendClient>)]);
@@ -211,6 +212,102 @@ async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A memory store with device d1 (protocol "fake") whose commands' syncs wait for the test.
+async fn store_holding_syncs() -> Arc<MemoryStore> {
+    let store = Arc::new(MemoryStore::new());
+    store
+        .create_group(NewGroup {
+            id: "g1".to_owned(),
+            name: None,
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    store
+        .create_hub(NewHub {
+            id: "h1".to_owned(),
+            group_id: "g1".to_owned(),
+            name: None,
+            metadata: None,
+            settings: HubSettings::default(),
+            desired_state: DesiredState::Running,
+        })
+        .await
+        .unwrap();
+    store
+        .create_device(NewDevice {
+            id: "d1".to_owned(),
+            hub_id: "h1".to_owned(),
+            name: None,
+            protocol: Some(PROTOCOL.to_owned()),
+            metadata: None,
+        })
+        .await
+        .unwrap();
+    store.hold_command_syncs();
+    store
+}
+
+/// The disk sync of a new command is not on its way to the device: it goes out once
+/// committed, and the submission is answered once it is synced as well.
+#[tokio::test]
+async fn a_command_goes_out_while_its_sync_runs_and_is_accepted_after_it() {
+    let store = store_holding_syncs().await;
+    let client = FakeClient::new(Mode::Sent);
+    client.set_online("d1", true);
+    let harness = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    let service = harness.service.clone();
+    let submission =
+        tokio::spawn(async move { service.submit("d1", request("go", json!({}), None)).await });
+    eventually("the command sent before its sync", || {
+        client.sent.lock().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !submission.is_finished(),
+        "the submission was answered before the command was synced"
+    );
+    store.settle_command_syncs(Ok(()));
+    let command = tokio::time::timeout(PATIENCE, submission)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.sent_ids(), vec![command.id]);
+    harness.stop().await;
+}
+
+/// A command whose sync failed may have gone out, and the submitter hears that it was not
+/// confirmed stored (500), not that it was accepted.
+#[tokio::test]
+async fn a_command_whose_sync_fails_is_not_reported_accepted() {
+    let store = store_holding_syncs().await;
+    let client = FakeClient::new(Mode::Sent);
+    client.set_online("d1", true);
+    let harness = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    let service = harness.service.clone();
+    let submission =
+        tokio::spawn(async move { service.submit("d1", request("go", json!({}), None)).await });
+    eventually("the command sent before its sync", || {
+        client.sent.lock().len() == 1
+    })
+    .await;
+    store.settle_command_syncs(Err("disk on fire"));
+    let refused = tokio::time::timeout(PATIENCE, submission)
+        .await
+        .unwrap()
+        .unwrap();
+    match refused {
+        Err(error @ CommandError::Failed(_)) => {
+            assert_eq!(error.http_status(), 500);
+            assert!(error.to_string().contains("disk on fire"), "{error}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    harness.stop().await;
 }
 
 async fn state_of(store: &SqliteStore, id: &str) -> CommandState {
