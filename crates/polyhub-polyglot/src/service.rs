@@ -263,6 +263,9 @@ enum Request {
         device_id: String,
         online: bool,
     },
+    Subscribed {
+        device_id: String,
+    },
 }
 
 struct Shared {
@@ -510,8 +513,6 @@ impl CommandService {
         answer.await.map_err(|_| service_stopped())?
     }
 
-    /// A device connected (presence the binary forwards from the hub): its queued commands go
-    /// out in order.
     /// Tells the client of the device's protocol that the device was registered (see
     /// [`BackendClient::device_added`]). Devices of a protocol without a client are ignored.
     pub async fn device_added(&self, device: &polyhub_store::Device) -> Result<(), CommandError> {
@@ -524,6 +525,8 @@ impl CommandService {
             .map_err(|error| CommandError::Unavailable(error.to_string()))
     }
 
+    /// A device connected (presence the binary forwards from the hub): its queued commands go
+    /// out in order.
     pub async fn device_online(&self, device_id: &str) {
         self.device_presence(device_id, true).await;
     }
@@ -535,10 +538,25 @@ impl CommandService {
             device_id: device_id.to_owned(),
             online,
         };
+        self.tell_dispatcher(device_id, request).await;
+    }
+
+    /// A device subscribed to something: commands its client held back because the device
+    /// could not receive them yet ([`BackendError::Unavailable`], as the embedded broker's
+    /// client answers before the device has subscribed to its command topic) are tried again
+    /// now rather than at the next retry.
+    pub async fn device_subscribed(&self, device_id: &str) {
+        let request = Request::Subscribed {
+            device_id: device_id.to_owned(),
+        };
+        self.tell_dispatcher(device_id, request).await;
+    }
+
+    async fn tell_dispatcher(&self, device_id: &str, request: Request) {
         if self.shared.requests.send(request).await.is_err() {
             tracing::debug!(
                 device = device_id,
-                "command service stopped; presence dropped"
+                "command service stopped; device event dropped"
             );
         }
     }
@@ -933,6 +951,16 @@ impl Dispatcher {
             Request::Cancel { id, reply } => self.cancel(id, reply),
             Request::Presence { device_id, online } => {
                 self.presence_changed(&device_id, online).await;
+            }
+            Request::Subscribed { device_id } => {
+                let retrying = self
+                    .devices
+                    .get_mut(&device_id)
+                    .is_some_and(|slot| slot.retry_at.take().is_some());
+                if retrying {
+                    self.blocked.remove(&device_id);
+                    self.dispatch(&device_id).await;
+                }
             }
         }
     }

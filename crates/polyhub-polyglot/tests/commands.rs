@@ -42,6 +42,8 @@ struct FakeClient {
     online: Mutex<HashMap<String, bool>>,
     /// (device, command id, name, attempts as stored when sent) in call order.
     sent: Mutex<Vec<(String, String, String, u32)>>,
+    /// Sends answered `Unavailable`.
+    held_back: Mutex<usize>,
 }
 
 impl FakeClient {
@@ -50,6 +52,7 @@ impl FakeClient {
             mode: Mutex::new(mode),
             online: Mutex::new(HashMap::new()),
             sent: Mutex::new(Vec::new()),
+            held_back: Mutex::new(0),
         })
     }
 
@@ -79,7 +82,10 @@ impl BackendClient for FakeClient {
     ) -> Result<SendOutcome, BackendError> {
         let mode = *self.mode.lock();
         match mode {
-            Mode::Unavailable => return Err(BackendError::Unavailable("link down".to_owned())),
+            Mode::Unavailable => {
+                *self.held_back.lock() += 1;
+                return Err(BackendError::Unavailable("link down".to_owned()));
+            }
             Mode::Rejected => return Err(BackendError::Rejected("no address".to_owned())),
             Mode::Sent | Mode::Delivered => {}
         }
@@ -106,6 +112,16 @@ impl BackendClient for FakeClient {
 async fn new_store() -> (TempDir, Arc<SqliteStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap());
+    add_devices(
+        store.as_ref(),
+        &[("d1", PROTOCOL), ("d2", PROTOCOL), ("d3", "coap")],
+    )
+    .await;
+    (dir, store)
+}
+
+/// Adds group g1, hub h1 and `devices` (id, protocol) to `store`.
+async fn add_devices(store: &dyn Store, devices: &[(&str, &str)]) {
     store
         .create_group(NewGroup {
             id: "g1".to_owned(),
@@ -125,19 +141,18 @@ async fn new_store() -> (TempDir, Arc<SqliteStore>) {
         })
         .await
         .unwrap();
-    for (id, protocol) in [("d1", PROTOCOL), ("d2", PROTOCOL), ("d3", "coap")] {
+    for (id, protocol) in devices {
         store
             .create_device(NewDevice {
-                id: id.to_owned(),
+                id: (*id).to_owned(),
                 hub_id: "h1".to_owned(),
                 name: None,
-                protocol: Some(protocol.to_owned()),
+                protocol: Some((*protocol).to_owned()),
                 metadata: None,
             })
             .await
             .unwrap();
     }
-    (dir, store)
 }
 
 struct Harness {
@@ -217,86 +232,66 @@ async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
 /// A memory store with device d1 (protocol "fake") whose commands' syncs wait for the test.
 async fn store_holding_syncs() -> Arc<MemoryStore> {
     let store = Arc::new(MemoryStore::new());
-    store
-        .create_group(NewGroup {
-            id: "g1".to_owned(),
-            name: None,
-            metadata: None,
-        })
-        .await
-        .unwrap();
-    store
-        .create_hub(NewHub {
-            id: "h1".to_owned(),
-            group_id: "g1".to_owned(),
-            name: None,
-            metadata: None,
-            settings: HubSettings::default(),
-            desired_state: DesiredState::Running,
-        })
-        .await
-        .unwrap();
-    store
-        .create_device(NewDevice {
-            id: "d1".to_owned(),
-            hub_id: "h1".to_owned(),
-            name: None,
-            protocol: Some(PROTOCOL.to_owned()),
-            metadata: None,
-        })
-        .await
-        .unwrap();
+    add_devices(store.as_ref(), &[("d1", PROTOCOL)]).await;
     store.hold_command_syncs();
     store
+}
+
+/// A submission to d1 (online) on a store holding syncs, once its command has gone out.
+struct SentBeforeItsSync {
+    store: Arc<MemoryStore>,
+    client: Arc<FakeClient>,
+    harness: Harness,
+    submission: JoinHandle<Result<Command, CommandError>>,
+}
+
+async fn sent_before_its_sync() -> SentBeforeItsSync {
+    let store = store_holding_syncs().await;
+    let client = FakeClient::new(Mode::Sent);
+    client.set_online("d1", true);
+    let harness = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    let service = harness.service.clone();
+    let submission =
+        tokio::spawn(async move { service.submit("d1", request("go", json!({}), None)).await });
+    eventually("the command sent before its sync", || {
+        client.sent.lock().len() == 1
+    })
+    .await;
+    SentBeforeItsSync {
+        store,
+        client,
+        harness,
+        submission,
+    }
 }
 
 /// The disk sync of a new command is not on its way to the device: it goes out once
 /// committed, and the submission is answered once it is synced as well.
 #[tokio::test]
 async fn a_command_goes_out_while_its_sync_runs_and_is_accepted_after_it() {
-    let store = store_holding_syncs().await;
-    let client = FakeClient::new(Mode::Sent);
-    client.set_online("d1", true);
-    let harness = Harness::start(store.clone(), client.clone(), CommandConfig::default());
-    let service = harness.service.clone();
-    let submission =
-        tokio::spawn(async move { service.submit("d1", request("go", json!({}), None)).await });
-    eventually("the command sent before its sync", || {
-        client.sent.lock().len() == 1
-    })
-    .await;
+    let sent = sent_before_its_sync().await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(
-        !submission.is_finished(),
+        !sent.submission.is_finished(),
         "the submission was answered before the command was synced"
     );
-    store.settle_command_syncs(Ok(()));
-    let command = tokio::time::timeout(PATIENCE, submission)
+    sent.store.settle_command_syncs(Ok(()));
+    let command = tokio::time::timeout(PATIENCE, sent.submission)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(client.sent_ids(), vec![command.id]);
-    harness.stop().await;
+    assert_eq!(sent.client.sent_ids(), vec![command.id]);
+    sent.harness.stop().await;
 }
 
 /// A command whose sync failed may have gone out, and the submitter hears that it was not
 /// confirmed stored (500), not that it was accepted.
 #[tokio::test]
 async fn a_command_whose_sync_fails_is_not_reported_accepted() {
-    let store = store_holding_syncs().await;
-    let client = FakeClient::new(Mode::Sent);
-    client.set_online("d1", true);
-    let harness = Harness::start(store.clone(), client.clone(), CommandConfig::default());
-    let service = harness.service.clone();
-    let submission =
-        tokio::spawn(async move { service.submit("d1", request("go", json!({}), None)).await });
-    eventually("the command sent before its sync", || {
-        client.sent.lock().len() == 1
-    })
-    .await;
-    store.settle_command_syncs(Err("disk on fire"));
-    let refused = tokio::time::timeout(PATIENCE, submission)
+    let sent = sent_before_its_sync().await;
+    sent.store.settle_command_syncs(Err("disk on fire"));
+    let refused = tokio::time::timeout(PATIENCE, sent.submission)
         .await
         .unwrap()
         .unwrap();
@@ -307,7 +302,7 @@ async fn a_command_whose_sync_fails_is_not_reported_accepted() {
         }
         other => panic!("expected Failed, got {other:?}"),
     }
-    harness.stop().await;
+    sent.harness.stop().await;
 }
 
 async fn state_of(store: &SqliteStore, id: &str) -> CommandState {
@@ -802,6 +797,37 @@ async fn an_unavailable_client_keeps_commands_queued_until_it_recovers() {
         client.sent.lock().len() == 2
     })
     .await;
+    assert_eq!(client.sent_ids(), vec![first.id, second.id]);
+    hub.stop().await;
+}
+
+/// A device that subscribes is the moment to try again what its client held back for want of
+/// a subscription: the commands go out at once, not at the next retry (a second later).
+#[tokio::test(start_paused = true)]
+async fn a_device_that_subscribes_gets_held_back_commands_at_once() {
+    let (_dir, store) = new_store().await;
+    let client = FakeClient::new(Mode::Unavailable);
+    client.set_online("d1", true);
+    let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    let first = hub.submit("d1", "a").await;
+    let second = hub.submit("d1", "b").await;
+    eventually("the first send held back", || *client.held_back.lock() == 1).await;
+    assert_eq!(state_of(&store, &first.id).await, CommandState::Queued);
+
+    *client.mode.lock() = Mode::Sent;
+    let subscribed_at = tokio::time::Instant::now();
+    hub.service.device_subscribed("d1").await;
+    // Another device subscribing changes nothing for d1, and costs nothing.
+    hub.service.device_subscribed("d2").await;
+    eventually("both sends after the subscription", || {
+        client.sent.lock().len() == 2
+    })
+    .await;
+    assert!(
+        subscribed_at.elapsed() < Duration::from_millis(500),
+        "sent {:?} after the subscription: at the retry, not at once",
+        subscribed_at.elapsed()
+    );
     assert_eq!(client.sent_ids(), vec![first.id, second.id]);
     hub.stop().await;
 }
