@@ -183,6 +183,37 @@ struct Waiters {
     /// leaves this set before its waiters are completed, so a waiter that registers later
     /// sees it gone and reads the store instead).
     live: Mutex<std::collections::HashSet<String>>,
+    /// The last commands that finished, for a waiter that registers after the end (the
+    /// device often answers before the submitter has even started waiting): it needs no
+    /// store read either.
+    recent: Mutex<RecentlyFinished>,
+}
+
+/// How many finished commands [`Waiters`] keeps (about a second's worth at 1,000/s).
+const RECENTLY_FINISHED: usize = 1024;
+
+/// Finished commands, oldest first, at most [`RECENTLY_FINISHED`].
+#[derive(Debug, Default)]
+struct RecentlyFinished {
+    order: VecDeque<String>,
+    by_id: HashMap<String, Command>,
+}
+
+impl RecentlyFinished {
+    fn keep(&mut self, command: &Command) {
+        if self
+            .by_id
+            .insert(command.id.clone(), command.clone())
+            .is_none()
+        {
+            self.order.push_back(command.id.clone());
+        }
+        while self.order.len() > RECENTLY_FINISHED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_id.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl Waiters {
@@ -200,8 +231,15 @@ impl Waiters {
 
     /// The command is final and stored: its waiters hear it.
     fn finished(&self, command: &Command) {
+        // Kept before it leaves `live`, so that a waiter that finds it gone finds it here.
+        self.recent.lock().keep(command);
         self.end_live(&command.id);
         self.complete(command);
+    }
+
+    /// The command, if it finished lately (final: it cannot have changed since).
+    fn recently_finished(&self, id: &str) -> Option<Command> {
+        self.recent.lock().by_id.get(id).cloned()
     }
 
     fn register(&self, id: &str) -> oneshot::Receiver<Command> {
@@ -485,6 +523,9 @@ impl CommandService {
         // Registered before reading, so a change landing in between is not missed.
         let settled = shared.waiters.register(id);
         if !shared.waiters.is_live(id) {
+            if let Some(finished) = shared.waiters.recently_finished(id) {
+                return Ok(finished);
+            }
             let current = shared.store.get_command(id).await?;
             if current.state.is_final() {
                 return Ok(current);
@@ -1501,6 +1542,49 @@ mod tests {
             assert_eq!(waiters.by_command.lock().len(), 1);
         }
         assert!(waiters.by_command.lock().is_empty());
+    }
+
+    #[test]
+    fn the_recently_finished_are_the_last_ones() {
+        let mut recent = RecentlyFinished::default();
+        for n in 0..RECENTLY_FINISHED + 10 {
+            let mut command = test_command();
+            command.id = format!("cmd-{n}");
+            recent.keep(&command);
+            // Kept twice (adopted after a conflict, say) is kept once.
+            recent.keep(&command);
+        }
+        assert_eq!(recent.by_id.len(), RECENTLY_FINISHED);
+        assert_eq!(recent.order.len(), RECENTLY_FINISHED);
+        assert!(!recent.by_id.contains_key("cmd-9"));
+        assert!(recent.by_id.contains_key("cmd-10"));
+        assert!(
+            recent
+                .by_id
+                .contains_key(&format!("cmd-{}", RECENTLY_FINISHED + 9))
+        );
+    }
+
+    fn test_command() -> Command {
+        Command {
+            id: String::new(),
+            device_id: "d1".to_owned(),
+            hub_id: "h1".to_owned(),
+            protocol: "mqtt".to_owned(),
+            name: "go".to_owned(),
+            payload: serde_json::Value::Null,
+            seq: 1,
+            state: CommandState::Acknowledged,
+            created_at: 1,
+            expires_at: None,
+            sent_at: None,
+            delivered_at: None,
+            acknowledged_at: None,
+            finished_at: None,
+            reason: None,
+            reply: None,
+            attempts: 1,
+        }
     }
 
     #[test]

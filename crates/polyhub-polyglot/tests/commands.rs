@@ -832,6 +832,34 @@ async fn a_device_that_subscribes_gets_held_back_commands_at_once() {
     hub.stop().await;
 }
 
+/// A waiter that comes after the device answered (the usual case for a fast device) is
+/// answered from memory: not even an unreachable store stands in its way.
+#[tokio::test]
+async fn a_wait_after_the_answer_needs_no_store_read() {
+    let store = Arc::new(MemoryStore::new());
+    add_devices(store.as_ref(), &[("d1", PROTOCOL)]).await;
+    let client = FakeClient::new(Mode::Sent);
+    client.set_online("d1", true);
+    let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    let command = hub.submit("d1", "a").await;
+    eventually("the send", || client.sent.lock().len() == 1).await;
+    hub.reply("d1", Some(&command.id), None, true).await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while store.get_command(&command.id).await.unwrap().state != CommandState::Acknowledged {
+        assert!(std::time::Instant::now() < deadline, "never acknowledged");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store.set_down(true);
+    let waited = hub
+        .service
+        .wait(&command.id, Duration::from_secs(1))
+        .await
+        .expect("answered without the store");
+    assert_eq!(waited.state, CommandState::Acknowledged);
+    store.set_down(false);
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn backend_telemetry_is_stored_like_mqtt_telemetry() {
     let (_dir, store) = new_store().await;
