@@ -434,7 +434,7 @@ def test_a_clean_session_device_gets_what_was_queued_once_it_has_subscribed(poly
 def test_a_device_subscribed_elsewhere_first_gets_its_command_once_it_subscribes_to_it(polyhub, api):
     """Connected and subscribed to another topic is not enough: the command waits (still
     `queued`, not recorded as delivered to nobody) until the device subscribes to its command
-    topic, then goes out."""
+    topic, then goes out at once."""
     api.add_group("g")
     api.add_hub("h", "g")
     api.add_device("d1", "h")
@@ -446,8 +446,11 @@ def test_a_device_subscribed_elsewhere_first_gets_its_command_once_it_subscribes
         assert api.get(f"/commands/{command['id']}")["state"] == "queued"
         assert device.count() == 0
         device.subscribe("/h/d1/cmd")
+        subscribed = time.monotonic()
         received = device.wait_message(lambda m: m.topic == "/h/d1/cmd", "the queued command")
         assert json.loads(received.payload)["id"] == command["id"]
+        # At once, not at the service's next retry (about half a second away at this point).
+        assert time.monotonic() - subscribed < 0.3
         assert command_in_state(api, command["id"], "delivered")["attempts"] == 1
     finally:
         device.close()

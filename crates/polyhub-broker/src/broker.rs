@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     next_seq: AtomicU64,
     /// Connect and disconnect events of network clients.
     presence: broadcast::Sender<ClientPresence>,
+    /// Client ids of network clients that subscribed (see [`Broker::subscription_events`]).
+    subscribed: broadcast::Sender<String>,
     next_session_id: AtomicU64,
     next_assigned_id: AtomicU64,
     sys_started: AtomicBool,
@@ -147,6 +149,15 @@ impl Shared {
             online,
             at: SystemTime::now(),
         });
+    }
+
+    /// Tell the subscription receivers that the network client `client_id` subscribed.
+    pub(crate) fn announce_subscribed(&self, client_id: &str) {
+        if self.subscribed.receiver_count() == 0 {
+            return;
+        }
+        // An error only means that every receiver went away in between.
+        let _ = self.subscribed.send(client_id.to_owned());
     }
 
     /// A new session id (0 is reserved for the broker itself).
@@ -241,6 +252,7 @@ impl Broker {
                 tasks: TaskCount::default(),
                 next_seq: AtomicU64::new(initial_seq()),
                 presence: broadcast::channel(PRESENCE_CAPACITY).0,
+                subscribed: broadcast::channel(PRESENCE_CAPACITY).0,
                 next_session_id: AtomicU64::new(1),
                 next_assigned_id: AtomicU64::new(1),
                 sys_started: AtomicBool::new(false),
@@ -385,6 +397,15 @@ impl Broker {
     /// `RecvError::Lagged` and should read [`Broker::connected_clients`] again.
     pub fn presence_events(&self) -> broadcast::Receiver<ClientPresence> {
         self.shared.presence.subscribe()
+    }
+
+    /// The client id of each network client that subscribes, once its subscriptions are in
+    /// place (its SUBACK is on its way): the moment a message for it can be routed to it,
+    /// which [`Broker::client_subscribed`] then confirms. Sent whether or not the filters were
+    /// accepted or new. In-process clients are not reported. A receiver more than a few
+    /// thousand events behind gets `RecvError::Lagged` and misses those.
+    pub fn subscription_events(&self) -> broadcast::Receiver<String> {
+        self.shared.subscribed.subscribe()
     }
 
     /// Client ids of the network clients connected now.

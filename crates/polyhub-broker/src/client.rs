@@ -908,6 +908,7 @@ where
         }))?;
         // Queued after the SUBACK is encoded, so they reach the client after it.
         self.session.enqueue_unbounded(retained);
+        self.shared.announce_subscribed(&self.session.client_id);
         Ok(())
     }
 

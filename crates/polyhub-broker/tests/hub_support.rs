@@ -1,7 +1,7 @@
 //! What the hub needs from the broker: message sequence numbers (unique, increasing per
 //! publisher, kept by retained replays and across a restore), the `polyhub-seq` user property
-//! for clients that ask for it, presence events and the list of connected clients, and local
-//! clients with an unbounded queue.
+//! for clients that ask for it, presence and subscription events and the list of connected
+//! clients, and local clients with an unbounded queue.
 
 mod common;
 
@@ -258,6 +258,33 @@ async fn redeliveries_after_a_reconnect_carry_the_same_seq() {
         let again = parser.recv_publish().await;
         assert!(again.dup);
         assert_eq!(stamped_seqs(&again), vec![seq.as_str()]);
+        broker.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn subscription_events_name_network_clients_once_their_subscriptions_are_in_place() {
+    bounded(async {
+        let broker = start(config()).await;
+        let mut subscribed = broker.broker.subscription_events();
+        let (mut device, _) = Client::connect(broker.addr, connect(V311, "d1")).await;
+        // An in-process client's subscriptions are not reported.
+        let local = broker.broker.local_client("local").unwrap();
+        local.subscribe("x/#", QoS::AtLeastOnce).await.unwrap();
+
+        device.subscribe("h/d1/cmd", QoS::AtLeastOnce).await;
+        let client_id = tokio::time::timeout(Duration::from_secs(5), subscribed.recv())
+            .await
+            .expect("no subscription event within 5 s")
+            .expect("channel open");
+        assert_eq!(client_id, "d1");
+        // By then a message to it is routed to it.
+        assert_eq!(
+            broker.broker.client_subscribed("d1", "h/d1/cmd"),
+            Some(true)
+        );
+        assert!(subscribed.try_recv().is_err(), "one event per SUBSCRIBE");
         broker.stop().await;
     })
     .await;

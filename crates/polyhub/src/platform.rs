@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Failure;
 use crate::bus::mqtt::MqttBusOptions;
@@ -171,6 +171,8 @@ pub(crate) async fn start(
                     .await;
             }
         });
+        // A device that just subscribed may be what its commands were waiting for.
+        forward_subscriptions(broker, commands.clone(), shutdown.clone());
     }
     // Devices added through a hub's register channel: their protocol clients follow them at
     // once, as for devices added through the API (ManagerRuntime::device_added).
@@ -279,6 +281,28 @@ fn commands_only_broker(address: &str) -> Result<Arc<dyn polyhub_hub::bus::BusCo
     Ok(Arc::new(MqttBus::with_options(MqttBusOptions::to_host(
         url.host, url.port,
     ))))
+}
+
+/// Tells the command service of each device that subscribes on the embedded broker, so that
+/// commands held back until the device could receive them go out at once.
+fn forward_subscriptions(broker: &Broker, commands: CommandService, shutdown: CancellationToken) {
+    let mut subscribed = broker.subscription_events();
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = subscribed.recv() => event,
+            };
+            match event {
+                Ok(client_id) => commands.device_subscribed(&client_id).await,
+                // The missed ones are retried on the service's timer (about a second).
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    debug!("commands: {missed} subscription events were missed under load");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
 }
 
 /// The broker's connect/disconnect events as the hub's presence events. Clients already
