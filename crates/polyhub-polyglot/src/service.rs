@@ -8,14 +8,6 @@
 //! per-device lock that also covers handing the command to the dispatcher, so the dispatcher
 //! learns of one device's commands in `seq` order.
 //!
-//! Submission: the command is committed to the store before the dispatcher hears of it, so
-//! it is never sent unrecorded, and a crash of polyhub keeps it. The sync that makes it
-//! survive a crash of the machine runs while the dispatcher sends it
-//! ([`Store::create_command_committed`]), and the submission is answered only after it: a
-//! power cut in between can lose a command whose submitter never got an answer, but never one
-//! that was accepted. Waiting for the sync first would put a disk sync on every command's way
-//! to the device.
-//!
 //! Recording: the dispatcher does not wait for the store. It applies a change to its memory at
 //! once and hands the change to a second task (the recorder), which writes it: one command's
 //! changes strictly in the order decided (the next starts once the previous is stored), the
@@ -405,8 +397,6 @@ impl CommandService {
 
     /// Stores a command for a device (state `queued`), then hands it to the dispatcher, which
     /// sends it when the device is online and every earlier command of the device has gone.
-    /// The dispatcher may send it once it is committed; this returns once it is also synced
-    /// to disk (see the module docs).
     ///
     /// Errors: `NotFound` (device), `Invalid` (name, TTL, no client for the protocol),
     /// `PayloadTooLarge`, `Unavailable` (service shut down, store unavailable).
@@ -464,13 +454,13 @@ impl CommandService {
                 return Err(service_stopped());
             }
         }
-        let order = shared.submit_locks[self.lock_shard(device_id)].lock().await;
+        let _order = shared.submit_locks[self.lock_shard(device_id)].lock().await;
         let created_at = shared.clock.now();
         let expires_at =
             ttl_ms.map(|ttl| created_at.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)));
-        let (command, durable) = shared
+        let command = shared
             .store
-            .create_command_committed(NewCommandRecord {
+            .create_command(NewCommandRecord {
                 id: new_command_id(created_at),
                 device_id: device.id.clone(),
                 hub_id: device.hub_id.clone(),
@@ -493,14 +483,6 @@ impl CommandService {
             // Stored all the same: the next start sends it.
             tracing::warn!(command = %command.id, "command service stopped; the command stays queued");
         }
-        // The next submission to the device may go on: its command comes after this one.
-        drop(order);
-        durable.synced().await.map_err(|err| {
-            CommandError::Failed(format!(
-                "command {} may be sent, but the disk did not confirm it was stored: {err}",
-                command.id
-            ))
-        })?;
         Ok(command)
     }
 

@@ -17,44 +17,6 @@ pub use error::StoreError;
 pub use model::*;
 pub use sqlite::{SqliteConfig, SqliteStore};
 
-/// Tells when a write that was answered on commit has reached the disk.
-///
-/// A committed write is visible to every reader and survives a crash of polyhub; once synced
-/// it also survives a crash of the machine. See [`Store::create_command_committed`].
-#[must_use = "a committed write is not durable until `synced` resolves"]
-#[derive(Debug)]
-pub struct Durable {
-    synced: Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>,
-}
-
-impl Durable {
-    /// For a write that was already synced when it was answered.
-    pub fn already() -> Durable {
-        Durable { synced: None }
-    }
-
-    /// For a write whose sync is reported through `synced`; a dropped sender counts as a
-    /// failed sync.
-    pub fn pending(synced: tokio::sync::oneshot::Receiver<Result<(), StoreError>>) -> Durable {
-        Durable {
-            synced: Some(synced),
-        }
-    }
-
-    /// Waits until the write is synced. Errors: `Backend` when the disk refused the sync or
-    /// the store stopped before it ran.
-    pub async fn synced(self) -> Result<(), StoreError> {
-        match self.synced {
-            None => Ok(()),
-            Some(synced) => synced.await.unwrap_or_else(|_| {
-                Err(StoreError::Backend(
-                    "the store stopped before a committed write was synced".to_owned(),
-                ))
-            }),
-        }
-    }
-}
-
 /// Everything polyhub persists about the registry and telemetry.
 ///
 /// Every method is one transaction. Implementations are cheap to share (`Arc<dyn Store>`) and
@@ -151,17 +113,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
         let _ = command;
         Err(commands_unsupported())
-    }
-    /// [`Store::create_command`], answered as soon as the command is committed (visible, and
-    /// surviving a crash of polyhub) rather than synced: the command service sends it to the
-    /// device while the sync runs, and reports it accepted only once [`Durable::synced`]
-    /// resolves. Backends without the distinction keep this default (synced when answered).
-    async fn create_command_committed(
-        &self,
-        command: NewCommandRecord,
-    ) -> Result<(Command, Durable), StoreError> {
-        let command = self.create_command(command).await?;
-        Ok((command, Durable::already()))
     }
     async fn get_command(&self, id: &str) -> Result<Command, StoreError> {
         let _ = id;

@@ -36,33 +36,19 @@
 //! written only through the `polyhub run` process's store (the API and the hub manager); a
 //! parser child process never changes them.
 //!
-//! Durability: a write is answered once the commit that carried it is synced to disk. The
-//! writer commits with `synchronous=NORMAL` (the commit is in the WAL, visible and safe from a
-//! crash of polyhub, but not yet on disk), and a second task, the syncer (one at a time,
-//! started like the drainer), syncs the WAL itself (`fdatasync` on its own descriptor of the
-//! `-wal` file) and answers every write committed before that sync began: the same
-//! durability as `synchronous=FULL`, but the drainer commits the next batch while the syncer
-//! syncs the last ones (as PostgreSQL's WAL writer does), so no commit waits for another's
-//! sync, and one sync serves every batch committed meanwhile. (The workspace also builds the
-//! bundled SQLite with `HAVE_FDATASYNC`, see `.cargo/config.toml`, for the syncs SQLite does
-//! itself around checkpoints.) A parser acknowledges messages to the broker only after
-//! `write_batch` returns, so a power loss must not drop a commit after that. The cost is one
-//! sync per commit (not per row), which batching amortises: with 1000-row batches the
-//! difference from no sync was within run-to-run noise on the 2-core development VM (see
-//! `ingest_rate_report` in the tests).
-//!
-//! Two kinds of write are answered at the commit instead. A command moving to `sent` or
-//! `delivered` ([`Durability::Committed`]) is never synced on its account: losing such a step
-//! to a power cut changes nothing polyhub does (a command not known to be answered is sent
-//! again after a restart, whether it was recorded `queued`, `sent` or `delivered`), and since
-//! the WAL is written in order, the next sync covers it. A new command
-//! ([`Store::create_command_committed`]) is answered at the commit and told again through a
-//! [`Durable`] once synced: the command service sends it while the sync runs, taking the sync
-//! off the device's path, and reports it accepted only after.
-//!
-//! A failed sync fails every write waiting for it, and the store then refuses all writes
-//! (`Unavailable`) until polyhub restarts: after a failed `fsync` the kernel may drop the pages
-//! it could not write, and a later `fsync` can succeed without them.
+//! Durability: `synchronous=FULL`, so a commit syncs the WAL before the write returns (with
+//! `fdatasync`: the workspace builds the bundled SQLite with `HAVE_FDATASYNC`, see
+//! `.cargo/config.toml`). A parser
+//! acknowledges messages to the broker only after `write_batch` returns, and with `NORMAL` a
+//! power loss could drop the last commits after their messages were acknowledged. The cost is
+//! one fsync per commit (not per row), which batching amortises: with 1000-row batches the
+//! difference from `NORMAL` was within run-to-run noise on the 2-core development VM (see
+//! `ingest_rate_report` in the tests for the measurement). One kind of write is exempt: a
+//! command moving to `sent` or `delivered` ([`Durability::Committed`]). Losing such a step to a
+//! power cut changes nothing polyhub does (a command not known to be answered is sent again
+//! after a restart, whether it was recorded `queued`, `sent` or `delivered`), and since the WAL
+//! is written in order, the next synced commit makes it durable too. A batch made only of such
+//! writes commits with `synchronous=NORMAL`: it survives a crash of polyhub, not of the machine.
 //!
 //! Checkpoints: SQLite's automatic checkpoint runs inside the commit that crosses the WAL size
 //! limit, copying the WAL into the database and syncing it while every write waits (tens of
@@ -91,9 +77,9 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavio
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use crate::Store;
 use crate::error::StoreError;
 use crate::model::*;
-use crate::{Durable, Store};
 
 /// Settings of the embedded SQLite store (`[storage.sqlite]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -146,6 +132,8 @@ const SAVEPOINT_SQL: &str = "SAVEPOINT polyhub_write";
 const RELEASE_SQL: &str = "RELEASE polyhub_write";
 const BEGIN_SQL: &str = "BEGIN IMMEDIATE";
 const COMMIT_SQL: &str = "COMMIT";
+const SYNCED_SQL: &str = "PRAGMA synchronous = FULL";
+const COMMITTED_SQL: &str = "PRAGMA synchronous = NORMAL";
 
 /// Runs one statement that returns no rows through the statement cache.
 fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
@@ -161,118 +149,38 @@ pub struct SqliteStore {
 struct Shared {
     path: PathBuf,
     busy_timeout: Duration,
-    /// Writes waiting for the write connection, served by the drainer (see the module docs
-    /// on group commit).
-    queued_writes: HandOff<Box<dyn PendingWrite>>,
-    writer: Mutex<Connection>,
-    /// Answers waiting for the WAL sync of writes already committed, served by the syncer
-    /// (see the module docs on durability).
-    awaiting_sync: HandOff<Box<dyn AwaitSync>>,
-    sync_wal: Mutex<SyncWal>,
-    /// Why a sync failed, once one has: every later write is refused (see the module docs).
-    sync_failure: Mutex<Option<String>>,
+    /// Writes waiting for the write connection (see the module docs on group commit).
+    queued_writes: Mutex<Vec<Box<dyn PendingWrite>>>,
+    /// Whether a drainer is running (or about to): only then may a write rely on someone else
+    /// to run it.
+    draining: AtomicBool,
+    writer: Mutex<Writer>,
     devices: Mutex<DeviceCache>,
     idle_readers: Mutex<Vec<Connection>>,
     /// Dropped with the store, which tells the checkpointer thread to end.
     _checkpointer: mpsc::Sender<()>,
 }
 
-/// Syncs SQLite's WAL file to disk (`fdatasync`); see the module docs on durability.
-type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
-
-/// A queue served by at most one blocking-pool task at a time, started by whoever queues
-/// into it when none runs (the drainer for writes, the syncer for syncs).
-struct HandOff<T> {
-    queue: Mutex<Vec<T>>,
-    /// Whether a task is serving the queue (or about to): only then may an item rely on
-    /// someone else to take it.
-    serving: AtomicBool,
-}
-
-impl<T> HandOff<T> {
-    fn new() -> HandOff<T> {
-        HandOff {
-            queue: Mutex::new(Vec::new()),
-            serving: AtomicBool::new(false),
-        }
-    }
-
-    /// Queues `items`; true when the caller must start a task to serve them.
-    fn push(&self, items: impl IntoIterator<Item = T>) -> bool {
-        self.queue.lock().extend(items);
-        // Ours are queued: a serving task takes them (it looks at the queue again after it
-        // stopped serving, see `go_on`), or the caller starts one.
-        !self.serving.swap(true, Ordering::SeqCst)
-    }
-
-    /// Takes at most `max` items, oldest first.
-    fn take(&self, max: usize) -> Vec<T> {
-        let mut queue = self.queue.lock();
-        let take = queue.len().min(max);
-        queue.drain(..take).collect()
-    }
-
-    /// The serving task found the queue empty: whether it must go on after all. Items queued
-    /// after the queue was last seen empty but before `serving` was cleared found a task
-    /// serving and started none: they are this task's, unless a newer task claimed them.
-    fn go_on(&self) -> bool {
-        self.serving.store(false, Ordering::SeqCst);
-        !self.queue.lock().is_empty() && !self.serving.swap(true, Ordering::SeqCst)
-    }
-
-    /// A task that was to serve the queue could not run: everything queued, to be answered
-    /// with an error.
-    fn abandon(&self) -> Vec<T> {
-        let abandoned = std::mem::take(&mut *self.queue.lock());
-        self.serving.store(false, Ordering::SeqCst);
-        abandoned
-    }
-
-    #[cfg(test)]
-    fn is_idle(&self) -> bool {
-        self.queue.lock().is_empty() && !self.serving.load(Ordering::SeqCst)
-    }
+/// The write connection and its current `synchronous` level.
+struct Writer {
+    conn: Connection,
+    synchronous: Durability,
 }
 
 /// How durable a write is once it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
-    /// Synced to disk: survives a power loss.
+    /// Synced to disk (`synchronous=FULL`): survives a power loss.
     Synced,
     /// Committed and visible, survives a crash of the process, but may be lost with the
     /// machine until the next synced commit (see the module docs for who may use it).
     Committed,
 }
 
-/// Who hears of a write's outcome, and when.
-enum Answer<T> {
-    /// Once the commit is synced.
-    Synced(oneshot::Sender<Result<T, StoreError>>),
-    /// Once committed.
-    Committed(oneshot::Sender<Result<T, StoreError>>),
-    /// Once committed (`reply`), and again once synced (`synced`, behind a [`Durable`]).
-    CommittedThenSynced {
-        reply: oneshot::Sender<Result<T, StoreError>>,
-        synced: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
-impl<T> Answer<T> {
-    /// Answers with an error, whatever the write waited for.
-    fn fail(self, error: StoreError) {
-        let reply = match self {
-            Answer::Synced(reply) | Answer::Committed(reply) => reply,
-            // The dropped `synced` tells a `Durable` nobody will hold: the caller hears of
-            // the failure through `reply`.
-            Answer::CommittedThenSynced { reply, .. } => reply,
-        };
-        let _ = reply.send(Err(error));
-    }
-}
-
 /// A write waiting for the writer thread; the type parameters of [`SqliteStore::write`] are
 /// erased here so that writes of any result type share one queue.
 trait PendingWrite: Send {
+    fn durability(&self) -> Durability;
     /// Runs the operation inside the batch's transaction, in its own savepoint. The answer goes
     /// out only once the commit's outcome is known, through the returned value.
     fn run(self: Box<Self>, tx: &Connection) -> Result<Box<dyn Settle>, BatchAborted>;
@@ -282,14 +190,7 @@ trait PendingWrite: Send {
 
 /// The outcome of one write of a batch, waiting for the commit.
 trait Settle: Send {
-    /// The batch's commit ended: answers the write if it waited for no more than that, and
-    /// otherwise returns what still waits for the sync.
-    fn committed(self: Box<Self>, commit: Result<(), &StoreError>) -> Option<Box<dyn AwaitSync>>;
-}
-
-/// An answer that goes out once the committed batch is synced.
-trait AwaitSync: Send {
-    fn synced(self: Box<Self>, sync: Result<(), &StoreError>);
+    fn settle(self: Box<Self>, commit: Result<(), &StoreError>);
 }
 
 /// A savepoint could not be rolled back: the transaction's state is unknown, so the whole
@@ -297,18 +198,13 @@ trait AwaitSync: Send {
 struct BatchAborted(StoreError);
 
 struct WriteRequest<T, F> {
+    durability: Durability,
     op: F,
-    answer: Answer<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
 struct WriteOutcome<T> {
     result: Result<T, StoreError>,
-    answer: Answer<T>,
-}
-
-/// A synced write's result, held until the sync.
-struct SyncedReply<T> {
-    value: T,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
 
@@ -317,11 +213,15 @@ where
     T: Send + 'static,
     F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
 {
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
     fn run(self: Box<Self>, tx: &Connection) -> Result<Box<dyn Settle>, BatchAborted> {
-        let WriteRequest { op, answer } = *self;
+        let WriteRequest { op, reply, .. } = *self;
         if let Err(err) = run_cached(tx, SAVEPOINT_SQL) {
             let error = StoreError::from(err);
-            answer.fail(copy_error(&error));
+            let _ = reply.send(Err(copy_error(&error)));
             return Err(BatchAborted(error));
         }
         // A panicking operation must not take the writer thread (and every later write) down.
@@ -339,56 +239,27 @@ where
         };
         if let Err(err) = end {
             let error = StoreError::from(err);
-            answer.fail(copy_error(&error));
+            let _ = reply.send(Err(copy_error(&error)));
             return Err(BatchAborted(error));
         }
-        Ok(Box::new(WriteOutcome { result, answer }))
+        Ok(Box::new(WriteOutcome { result, reply }))
     }
 
     fn abandon(self: Box<Self>, error: StoreError) {
-        self.answer.fail(error);
+        let _ = self.reply.send(Err(error));
     }
 }
 
 impl<T: Send + 'static> Settle for WriteOutcome<T> {
-    fn committed(self: Box<Self>, commit: Result<(), &StoreError>) -> Option<Box<dyn AwaitSync>> {
-        let value = match (self.result, commit) {
-            (Ok(value), Ok(())) => value,
-            (Ok(_), Err(error)) => {
-                self.answer.fail(copy_error(error));
-                return None;
-            }
+    fn settle(self: Box<Self>, commit: Result<(), &StoreError>) {
+        let result = match (self.result, commit) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(error)) => Err(copy_error(error)),
             // The write's own error is the better explanation.
-            (Err(error), _) => {
-                self.answer.fail(error);
-                return None;
-            }
+            (Err(error), _) => Err(error),
         };
-        // A caller that went away (a dropped future) is not told: nothing to do then.
-        match self.answer {
-            Answer::Committed(reply) => {
-                let _ = reply.send(Ok(value));
-                None
-            }
-            Answer::Synced(reply) => Some(Box::new(SyncedReply { value, reply })),
-            Answer::CommittedThenSynced { reply, synced } => {
-                let _ = reply.send(Ok(value));
-                Some(Box::new(synced))
-            }
-        }
-    }
-}
-
-impl<T: Send + 'static> AwaitSync for SyncedReply<T> {
-    fn synced(self: Box<Self>, sync: Result<(), &StoreError>) {
-        let SyncedReply { value, reply } = *self;
-        let _ = reply.send(sync.map(|()| value).map_err(copy_error));
-    }
-}
-
-impl AwaitSync for oneshot::Sender<Result<(), StoreError>> {
-    fn synced(self: Box<Self>, sync: Result<(), &StoreError>) {
-        let _ = (*self).send(sync.map_err(copy_error));
+        // The caller may have gone away (a dropped future): nothing to tell then.
+        let _ = self.reply.send(result);
     }
 }
 
@@ -420,33 +291,59 @@ fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
     }
 }
 
-/// Runs `batch` in one transaction (unless writes are refused, `refusal`), answers the writes
-/// that wait only for the commit, and returns the answers that wait for the sync.
-fn run_batch(
-    conn: &Connection,
-    batch: Vec<Box<dyn PendingWrite>>,
-    refusal: Option<StoreError>,
-) -> Vec<Box<dyn AwaitSync>> {
-    let begun = match refusal {
-        Some(refusal) => Err(refusal),
-        None => run_cached(conn, BEGIN_SQL).map_err(StoreError::from),
+/// Runs every queued write, in transactions of at most [`MAX_WRITES_PER_COMMIT`], while holding
+/// the write connection.
+fn run_queued_writes(writer: &mut Writer, queued: &Mutex<Vec<Box<dyn PendingWrite>>>) {
+    loop {
+        let batch: Vec<Box<dyn PendingWrite>> = {
+            let mut queued = queued.lock();
+            let take = queued.len().min(MAX_WRITES_PER_COMMIT);
+            queued.drain(..take).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        run_batch(writer, batch);
+    }
+}
+
+/// Runs `batch` in one transaction, at the `synchronous` level its writes need.
+fn run_batch(writer: &mut Writer, batch: Vec<Box<dyn PendingWrite>>) {
+    let durability = if batch
+        .iter()
+        .any(|write| write.durability() == Durability::Synced)
+    {
+        Durability::Synced
+    } else {
+        Durability::Committed
     };
+    let begun = set_synchronous(writer, durability)
+        .and_then(|()| run_cached(&writer.conn, BEGIN_SQL).map_err(StoreError::from));
     if let Err(error) = begun {
         for write in batch {
             write.abandon(copy_error(&error));
         }
-        return Vec::new();
+        return;
     }
-    run_in_transaction(conn, batch)
+    run_in_transaction(&writer.conn, batch);
+}
+
+/// Sets the write connection's `synchronous` level for the next transaction.
+fn set_synchronous(writer: &mut Writer, durability: Durability) -> Result<(), StoreError> {
+    if durability != writer.synchronous {
+        let level = match durability {
+            Durability::Synced => SYNCED_SQL,
+            Durability::Committed => COMMITTED_SQL,
+        };
+        run_cached(&writer.conn, level)?;
+        writer.synchronous = durability;
+    }
+    Ok(())
 }
 
 /// Runs `batch` in the transaction just begun on `conn`, each write in its savepoint, and
-/// commits it (or rolls it back when a write could not even be attempted). Returns the
-/// answers that wait for the commit to be synced.
-fn run_in_transaction(
-    conn: &Connection,
-    batch: Vec<Box<dyn PendingWrite>>,
-) -> Vec<Box<dyn AwaitSync>> {
+/// commits it (or rolls it back when a write could not even be attempted).
+fn run_in_transaction(conn: &Connection, batch: Vec<Box<dyn PendingWrite>>) {
     let mut settles = Vec::with_capacity(batch.len());
     let mut writes = batch.into_iter();
     let mut aborted = None;
@@ -473,10 +370,9 @@ fn run_in_transaction(
             StoreError::from(err)
         }),
     };
-    settles
-        .into_iter()
-        .filter_map(|settle| settle.committed(commit.as_ref().map(|_| ())))
-        .collect()
+    for settle in settles {
+        settle.settle(commit.as_ref().map(|_| ()));
+    }
 }
 
 /// Ends the open transaction, if any, undoing it.
@@ -523,9 +419,6 @@ impl SqliteStore {
         let mut writer = open_connection(&path, busy_timeout, Role::Writer)?;
         schema::migrate(&mut writer)?;
         writer.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)?;
-        // Commits do not sync; the drainer syncs the WAL itself (see the module docs).
-        writer.pragma_update(None, "synchronous", "NORMAL")?;
-        let sync_wal = Mutex::new(wal_syncer(&path)?);
         let checkpoints = open_connection(&path, busy_timeout, Role::Writer)?;
         let (checkpointer, stop) = mpsc::channel();
         std::thread::Builder::new()
@@ -540,12 +433,13 @@ impl SqliteStore {
             shared: Arc::new(Shared {
                 path,
                 busy_timeout,
-                queued_writes: HandOff::new(),
-                writer: Mutex::new(writer),
-                awaiting_sync: HandOff::new(),
-                sync_wal,
-                sync_failure: Mutex::new(None),
+                queued_writes: Mutex::new(Vec::new()),
+                draining: AtomicBool::new(false),
                 devices: Mutex::new(DeviceCache::default()),
+                writer: Mutex::new(Writer {
+                    conn: writer,
+                    synchronous: Durability::Synced,
+                }),
                 idle_readers: Mutex::new(Vec::new()),
                 _checkpointer: checkpointer,
             }),
@@ -575,44 +469,24 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let answer_with = match durability {
-            Durability::Synced => Answer::Synced(reply),
-            Durability::Committed => Answer::Committed(reply),
+        let request = WriteRequest {
+            durability,
+            op,
+            reply,
         };
-        self.enqueue(op, answer_with);
-        answer.await.unwrap_or_else(|_| Err(write_lost()))
-    }
-
-    /// [`SqliteStore::write`], answered once committed, with a [`Durable`] that resolves once
-    /// the commit is synced.
-    async fn write_committed_then_synced<T, F>(&self, op: F) -> Result<(T, Durable), StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let (reply, answer) = oneshot::channel();
-        let (synced, durable) = oneshot::channel();
-        self.enqueue(op, Answer::CommittedThenSynced { reply, synced });
-        let value = answer.await.unwrap_or_else(|_| Err(write_lost()))?;
-        Ok((value, Durable::pending(durable)))
-    }
-
-    /// Queues a write for the drainer, starting one if none runs.
-    fn enqueue<T, F>(&self, op: F, answer: Answer<T>)
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let request: Box<dyn PendingWrite> = Box::new(WriteRequest { op, answer });
-        if self.shared.queued_writes.push([request]) {
+        self.shared.queued_writes.lock().push(Box::new(request));
+        // Ours is queued: a running drainer takes it (it looks at the queue again after it
+        // stopped draining, see `Drainer::run`), or we start one.
+        if !self.shared.draining.swap(true, Ordering::SeqCst) {
             let drainer = Drainer {
                 shared: Arc::clone(&self.shared),
                 ran: false,
             };
-            // Not awaited: the answer comes through the write's `answer`, which also tells
-            // of a drainer that never ran (see `Drainer`'s `Drop`).
+            // Not awaited: the answer comes through `answer`, which also tells of a drainer
+            // that never ran (see `Drainer`'s `Drop`).
             drop(tokio::task::spawn_blocking(move || drainer.run()));
         }
+        answer.await.unwrap_or_else(|_| Err(write_lost()))
     }
 
     /// Forgets every cached device after a registry write that may have changed some; see
@@ -678,25 +552,16 @@ impl Drainer {
         let shared = &self.shared;
         loop {
             {
-                let conn = shared.writer.lock();
-                loop {
-                    let batch = shared.queued_writes.take(MAX_WRITES_PER_COMMIT);
-                    if batch.is_empty() {
-                        break;
-                    }
-                    let awaiting_sync = run_batch(&conn, batch, shared.write_refusal());
-                    // The next batch is not held up by this one's sync: the syncer runs it
-                    // meanwhile (see the module docs on durability).
-                    if !awaiting_sync.is_empty() && shared.awaiting_sync.push(awaiting_sync) {
-                        let syncer = Syncer {
-                            shared: Arc::clone(shared),
-                            ran: false,
-                        };
-                        drop(tokio::task::spawn_blocking(move || syncer.run()));
-                    }
-                }
+                let mut writer = shared.writer.lock();
+                run_queued_writes(&mut writer, &shared.queued_writes);
             }
-            if !shared.queued_writes.go_on() {
+            shared.draining.store(false, Ordering::SeqCst);
+            // A write queued after the queue was last seen empty but before `draining` was
+            // cleared found a drainer running and started none: it is ours, unless a newer
+            // drainer already claimed it.
+            if shared.queued_writes.lock().is_empty()
+                || shared.draining.swap(true, Ordering::SeqCst)
+            {
                 return;
             }
         }
@@ -708,84 +573,15 @@ impl Drop for Drainer {
         if self.ran {
             return;
         }
-        for write in self.shared.queued_writes.abandon() {
-            write.abandon(shutting_down());
+        let abandoned: Vec<Box<dyn PendingWrite>> =
+            std::mem::take(&mut *self.shared.queued_writes.lock());
+        self.shared.draining.store(false, Ordering::SeqCst);
+        for write in abandoned {
+            write.abandon(StoreError::Unavailable(
+                "the store's writer could not run (shutting down)".to_owned(),
+            ));
         }
     }
-}
-
-/// The one task that syncs the WAL for answers waiting on it (see the module docs on
-/// durability). Each sync answers everything that was committed before it started.
-struct Syncer {
-    shared: Arc<Shared>,
-    /// As [`Drainer::ran`].
-    ran: bool,
-}
-
-impl Syncer {
-    fn run(mut self) {
-        self.ran = true;
-        let shared = &self.shared;
-        loop {
-            loop {
-                let awaiting = shared.awaiting_sync.take(usize::MAX);
-                if awaiting.is_empty() {
-                    break;
-                }
-                let synced = shared.sync_committed();
-                for answer in awaiting {
-                    answer.synced(synced.as_ref().map(|_| ()));
-                }
-            }
-            if !shared.awaiting_sync.go_on() {
-                return;
-            }
-        }
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        if self.ran {
-            return;
-        }
-        let error = shutting_down();
-        for answer in self.shared.awaiting_sync.abandon() {
-            answer.synced(Err(&error));
-        }
-    }
-}
-
-impl Shared {
-    /// Why writes are refused, if they are: a sync failed earlier.
-    fn write_refusal(&self) -> Option<StoreError> {
-        self.sync_failure.lock().as_ref().map(|failure| {
-            StoreError::Unavailable(format!(
-                "the disk failed to sync the database earlier ({failure}); restart polyhub"
-            ))
-        })
-    }
-
-    /// Syncs the WAL: everything committed so far reaches the disk.
-    fn sync_committed(&self) -> Result<(), StoreError> {
-        if let Some(refusal) = self.write_refusal() {
-            return Err(refusal);
-        }
-        let synced = (self.sync_wal.lock())();
-        synced.map_err(|err| {
-            // After a failed fsync the kernel may have dropped the pages it could not write,
-            // and a later fsync can succeed without them: nothing written since can be
-            // trusted to be on disk, so the store stops writing (as PostgreSQL does).
-            let failure = format!("syncing the WAL failed: {err}");
-            tracing::error!(error = %err, "syncing the SQLite WAL failed; the store refuses writes until restarted");
-            *self.sync_failure.lock() = Some(failure.clone());
-            StoreError::Backend(failure)
-        })
-    }
-}
-
-fn shutting_down() -> StoreError {
-    StoreError::Unavailable("the store's writer could not run (shutting down)".to_owned())
 }
 
 /// Devices as last read, for [`Store::get_device`] (see the module docs).
@@ -816,24 +612,6 @@ impl DeviceCache {
         }
         self.by_id.insert(device.id.clone(), device.clone());
     }
-}
-
-/// Opens SQLite's WAL file next to the database, for the drainer to sync. On Linux a sync
-/// through any descriptor of a file flushes all of its written data, so ours covers what
-/// SQLite wrote through its own. SQLite removes the WAL only when the last connection to the
-/// database closes, and the store keeps its writer open, so the file stays the one SQLite
-/// writes.
-fn wal_syncer(database: &Path) -> Result<SyncWal, StoreError> {
-    let mut wal = database.as_os_str().to_owned();
-    wal.push("-wal");
-    let wal = PathBuf::from(wal);
-    let file = std::fs::File::open(&wal).map_err(|err| {
-        StoreError::Backend(format!(
-            "cannot open the WAL file {} to sync it: {err}",
-            wal.display()
-        ))
-    })?;
-    Ok(Box::new(move || file.sync_data()))
 }
 
 fn write_lost() -> StoreError {
@@ -1156,15 +934,6 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn create_command_committed(
-        &self,
-        command: NewCommandRecord,
-    ) -> Result<(Command, Durable), StoreError> {
-        commands::validate_new_command(&command)?;
-        self.write_committed_then_synced(move |tx| commands::create_command(tx, command))
-            .await
-    }
-
     async fn get_command(&self, id: &str) -> Result<Command, StoreError> {
         validate_id("command", id)?;
         let id = id.to_owned();
@@ -1287,207 +1056,27 @@ mod tests {
             .unwrap();
         assert_eq!(
             pragmas,
-            ["wal", "1", "1", "5000", "0"],
-            "synchronous 1 is NORMAL: the drainer syncs the WAL itself"
+            ["wal", "2", "1", "5000", "0"],
+            "synchronous 2 is FULL"
         );
         let reader = open_connection(store.path(), Duration::from_millis(5), Role::Reader).unwrap();
         assert_eq!(pragma(&reader, "query_only"), "1");
         assert_eq!(pragma(&reader, "busy_timeout"), "5");
     }
 
-    /// Replaces the drainer's WAL sync with `sync`.
-    fn replace_sync(
-        store: &SqliteStore,
-        sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
-    ) {
-        *store.shared.sync_wal.lock() = Box::new(sync);
-    }
-
-    /// Counts the drainer's WAL syncs (and still syncs).
-    fn count_syncs(store: &SqliteStore) -> Arc<std::sync::atomic::AtomicUsize> {
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut real = wal_syncer(store.path()).unwrap();
-        let counted = Arc::clone(&syncs);
-        replace_sync(store, move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-            real()
-        });
-        syncs
-    }
-
     #[test]
-    fn the_file_the_drainer_syncs_is_sqlites_wal() {
-        use std::os::unix::fs::MetadataExt;
+    fn only_batches_of_unsynced_writes_commit_without_a_sync() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
         let runtime = runtime();
-        create_table_t(&runtime, &store);
-        let wal = dir.path().join("polyhub.sqlite-wal");
-        let before = std::fs::metadata(&wal).unwrap();
-        runtime
-            .block_on(store.write(|conn| {
-                conn.execute("INSERT INTO t (n) VALUES (1)", [])?;
-                Ok(())
-            }))
-            .unwrap();
-        let after = std::fs::metadata(&wal).unwrap();
-        assert_eq!(before.ino(), after.ino(), "SQLite replaced its WAL file");
-        assert!(after.len() > 0, "the commit is not in the WAL");
-    }
-
-    #[test]
-    fn only_writes_that_need_it_are_synced_once_per_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
-        let runtime = runtime();
-        create_table_t(&runtime, &store);
-        let syncs = count_syncs(&store);
-        runtime
-            .block_on(store.write_with(Durability::Committed, |_| Ok(())))
-            .unwrap();
-        assert_eq!(syncs.load(Ordering::SeqCst), 0, "an unsynced write synced");
-        runtime.block_on(store.write(|_| Ok(()))).unwrap();
-        assert_eq!(syncs.load(Ordering::SeqCst), 1);
-        let (_, durable) = runtime
-            .block_on(store.write_committed_then_synced(|_| Ok(())))
-            .unwrap();
-        runtime.block_on(durable.synced()).unwrap();
-        assert_eq!(syncs.load(Ordering::SeqCst), 2);
-
-        // A batch of many writes needing a sync gets one.
-        let batched = runtime.block_on(async {
-            let (blocker, release) = occupy_writer(&store).await;
-            let before = syncs.load(Ordering::SeqCst);
-            let mut writes = Vec::new();
-            for n in 0..20_i64 {
-                let store = store.clone();
-                writes.push(tokio::spawn(async move {
-                    store
-                        .write(move |conn| {
-                            conn.execute("INSERT INTO t (n) VALUES (?1)", [n])?;
-                            Ok(())
-                        })
-                        .await
-                }));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            release.send(()).unwrap();
-            blocker.await.unwrap().unwrap();
-            for write in writes {
-                write.await.unwrap().unwrap();
-            }
-            syncs.load(Ordering::SeqCst) - before
-        });
-        assert!(
-            (1..=2).contains(&batched),
-            "{batched} syncs for the blocker's batch and the twenty queued writes' batch"
-        );
-    }
-
-    /// A new command's write is answered at the commit, before the sync; its `Durable` only
-    /// once a sync has run. Commits do not wait for a sync in progress, and a write committed
-    /// after a sync began waits for the next one.
-    #[test]
-    fn a_committed_then_synced_write_is_answered_before_its_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
-        let runtime = runtime();
-        create_table_t(&runtime, &store);
-        let (sync_started, syncing) = std::sync::mpsc::channel::<()>();
-        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
-        let gate_open = Arc::new(AtomicBool::new(false));
-        let mut real = wal_syncer(store.path()).unwrap();
-        let open = Arc::clone(&gate_open);
-        // The first sync is held until the test opens the gate; later ones pass.
-        replace_sync(&store, move || {
-            if !open.load(Ordering::SeqCst) {
-                let _ = sync_started.send(());
-                let _ = gate.recv_timeout(Duration::from_secs(10));
-                open.store(true, Ordering::SeqCst);
-            }
-            real()
-        });
-        let count = |store: &SqliteStore| -> i64 {
-            Connection::open(store.path())
-                .unwrap()
-                .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+        let level = |durability| {
+            runtime
+                .block_on(store.write_with(durability, |conn| Ok(pragma(conn, "synchronous"))))
                 .unwrap()
         };
-        runtime.block_on(async {
-            let (value, durable) = store
-                .write_committed_then_synced(|conn| {
-                    conn.execute("INSERT INTO t (n) VALUES (1)", [])?;
-                    Ok(7)
-                })
-                .await
-                .unwrap();
-            assert_eq!(value, 7);
-            assert_eq!(count(&store), 1, "answered before the commit");
-            tokio::task::block_in_place(|| syncing.recv_timeout(Duration::from_secs(5)))
-                .expect("the sync starts");
-            let durable = tokio::spawn(durable.synced());
-
-            let synced_store = store.clone();
-            let synced = tokio::spawn(async move {
-                synced_store
-                    .write(|conn| {
-                        conn.execute("INSERT INTO t (n) VALUES (2)", [])?;
-                        Ok(8)
-                    })
-                    .await
-            });
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while count(&store) < 2 {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "a commit waited for another write's sync"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(!durable.is_finished(), "durable before its sync");
-            assert!(
-                !synced.is_finished(),
-                "a synced write answered before a sync that began after its commit"
-            );
-            open_gate.send(()).unwrap();
-            durable.await.unwrap().unwrap();
-            assert_eq!(synced.await.unwrap().unwrap(), 8);
-        });
-    }
-
-    /// A failed sync fails the writes waiting for it, and the store then refuses writes
-    /// rather than report later ones durable (see the module docs).
-    #[test]
-    fn a_failed_sync_fails_its_writes_and_every_later_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), &SqliteConfig::default()).unwrap();
-        let runtime = runtime();
-        create_table_t(&runtime, &store);
-        replace_sync(&store, || Err(std::io::Error::other("disk on fire")));
-        runtime
-            .block_on(store.write_with(Durability::Committed, |_| Ok(())))
-            .unwrap();
-        let failed = runtime.block_on(store.write(|_| Ok(())));
-        assert!(
-            matches!(&failed, Err(StoreError::Backend(message)) if message.contains("disk on fire")),
-            "{failed:?}"
-        );
-        // Even once syncs would work again.
-        replace_sync(&store, || Ok(()));
-        for later in [Durability::Committed, Durability::Synced] {
-            let refused = runtime.block_on(store.write_with(later, |_| Ok(())));
-            assert!(
-                matches!(&refused, Err(StoreError::Unavailable(message)) if message.contains("restart")),
-                "{later:?}: {refused:?}"
-            );
-        }
-        let refused = runtime.block_on(store.write_committed_then_synced(|_| Ok(())));
-        assert!(
-            matches!(refused, Err(StoreError::Unavailable(_))),
-            "{:?}",
-            refused.map(|(value, _)| value)
-        );
+        assert_eq!(level(Durability::Committed), "1", "NORMAL");
+        assert_eq!(level(Durability::Synced), "2", "FULL again");
+        assert_eq!(level(Durability::Synced), "2");
     }
 
     /// Writes waiting together share one transaction, and one write's error (or panic) undoes
@@ -1676,15 +1265,8 @@ mod tests {
         });
         assert_eq!(answers, (0..500).collect::<Vec<i64>>());
         assert_eq!(rows_of_t(&runtime, &store), 500);
-        // The drainer and the syncer stop just after their last answers.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !(store.shared.queued_writes.is_idle() && store.shared.awaiting_sync.is_idle()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a task stayed claimed"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert!(store.shared.queued_writes.lock().is_empty());
+        assert!(!store.shared.draining.load(Ordering::SeqCst));
     }
 
     /// A read that started before a registry write finished may hold the old device: the

@@ -11,9 +11,6 @@
 //! - [`MemoryStore::set_fault`]: `write_batch` of one hub fails, panics, or commits and then
 //!   fails once (a crash between commit and acknowledgement), see [`WriteFault`].
 //!
-//! And one way to slow it: [`MemoryStore::hold_command_syncs`] keeps new commands committed
-//! but not synced ([`Store::create_command_committed`]) until the test settles their syncs.
-//!
 //! The inspection helpers (`rows`, `events`, `presence`, …) and the seeding helpers
 //! (`add_row`, `add_dead_letter`) bypass both, so a test can look inside during an outage.
 
@@ -24,14 +21,11 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, MutexGuard};
 use polyhub_store::{
     BatchOutcome, Bucket, Command, CommandQuery, CommandState, CommandTransition, DEFAULT_PROTOCOL,
-    DeadLetter, DesiredState, Device, DevicePatch, DownsampleQuery, Durable, Group, GroupPatch,
-    Hub, HubPatch, IngestBatch, ListQuery, MAX_PAGE, Millis, NewCommandRecord, NewDevice, NewGroup,
+    DeadLetter, DesiredState, Device, DevicePatch, DownsampleQuery, Group, GroupPatch, Hub,
+    HubPatch, IngestBatch, ListQuery, MAX_PAGE, Millis, NewCommandRecord, NewDevice, NewGroup,
     NewHub, NewParserEvent, ParserEvent, Presence, RangePage, RangeQuery, Store, StoreError,
     TelemetryRow, Value, now_millis, validate_id,
 };
-
-/// Settles a held command sync (see [`MemoryStore::hold_command_syncs`]).
-type SyncSender = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 /// How `write_batch` misbehaves for one hub (see [`MemoryStore::set_fault`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +46,6 @@ pub struct MemoryStore {
     /// While set, every trait call fails with `Unavailable`.
     down: AtomicBool,
     faults: Mutex<HashMap<String, WriteFault>>,
-    /// While `Some`, the syncs of new commands wait here (see `hold_command_syncs`).
-    held_syncs: Mutex<Option<Vec<SyncSender>>>,
 }
 
 #[derive(Debug, Default)]
@@ -102,19 +94,6 @@ impl MemoryStore {
             Some(fault) => faults.insert(hub_id.to_owned(), fault),
             None => faults.remove(hub_id),
         };
-    }
-
-    /// From now on, commands created through `create_command_committed` are committed but
-    /// their syncs wait until [`MemoryStore::settle_command_syncs`].
-    pub fn hold_command_syncs(&self) {
-        self.held_syncs.lock().get_or_insert_with(Vec::new);
-    }
-
-    /// Ends the held syncs, each with `outcome` (a failed sync when `Err`), and stops holding.
-    pub fn settle_command_syncs(&self, outcome: Result<(), &str>) {
-        for synced in self.held_syncs.lock().take().into_iter().flatten() {
-            let _ = synced.send(outcome.map_err(|reason| StoreError::Backend(reason.to_owned())));
-        }
     }
 
     /// Adds a telemetry row directly, as if ingested (the device need not exist).
@@ -755,22 +734,6 @@ impl Store for MemoryStore {
                     .unwrap_or_else(|| never_seen(&device.id))
             })
             .collect())
-    }
-
-    async fn create_command_committed(
-        &self,
-        command: NewCommandRecord,
-    ) -> Result<(Command, Durable), StoreError> {
-        let command = self.create_command(command).await?;
-        let durable = match self.held_syncs.lock().as_mut() {
-            Some(held) => {
-                let (synced, durable) = tokio::sync::oneshot::channel();
-                held.push(synced);
-                Durable::pending(durable)
-            }
-            None => Durable::already(),
-        };
-        Ok((command, durable))
     }
 
     async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
