@@ -178,27 +178,32 @@ struct Waiters {
     /// The last commands that finished, for a waiter that registers after the end (the
     /// device often answers before the submitter has even started waiting): it needs no
     /// store read either.
-    recent: Mutex<RecentlyFinished>,
+    recent: Mutex<RecentlyFinished<Command>>,
 }
 
 /// How many finished commands [`Waiters`] keeps (about a second's worth at 1,000/s).
 const RECENTLY_FINISHED: usize = 1024;
 
-/// Finished commands, oldest first, at most [`RECENTLY_FINISHED`].
-#[derive(Debug, Default)]
-struct RecentlyFinished {
+/// Finished commands by id, oldest first, at most [`RECENTLY_FINISHED`].
+#[derive(Debug)]
+struct RecentlyFinished<T> {
     order: VecDeque<String>,
-    by_id: HashMap<String, Command>,
+    by_id: HashMap<String, T>,
 }
 
-impl RecentlyFinished {
-    fn keep(&mut self, command: &Command) {
-        if self
-            .by_id
-            .insert(command.id.clone(), command.clone())
-            .is_none()
-        {
-            self.order.push_back(command.id.clone());
+impl<T> Default for RecentlyFinished<T> {
+    fn default() -> Self {
+        RecentlyFinished {
+            order: VecDeque::new(),
+            by_id: HashMap::new(),
+        }
+    }
+}
+
+impl<T> RecentlyFinished<T> {
+    fn keep(&mut self, id: &str, finished: T) {
+        if self.by_id.insert(id.to_owned(), finished).is_none() {
+            self.order.push_back(id.to_owned());
         }
         while self.order.len() > RECENTLY_FINISHED {
             if let Some(oldest) = self.order.pop_front() {
@@ -224,7 +229,7 @@ impl Waiters {
     /// The command is final and stored: its waiters hear it.
     fn finished(&self, command: &Command) {
         // Kept before it leaves `live`, so that a waiter that finds it gone finds it here.
-        self.recent.lock().keep(command);
+        self.recent.lock().keep(&command.id, command.clone());
         self.end_live(&command.id);
         self.complete(command);
     }
@@ -1530,43 +1535,17 @@ mod tests {
     fn the_recently_finished_are_the_last_ones() {
         let mut recent = RecentlyFinished::default();
         for n in 0..RECENTLY_FINISHED + 10 {
-            let mut command = test_command();
-            command.id = format!("cmd-{n}");
-            recent.keep(&command);
+            let id = format!("cmd-{n}");
+            recent.keep(&id, n);
             // Kept twice (adopted after a conflict, say) is kept once.
-            recent.keep(&command);
+            recent.keep(&id, n);
         }
         assert_eq!(recent.by_id.len(), RECENTLY_FINISHED);
         assert_eq!(recent.order.len(), RECENTLY_FINISHED);
         assert!(!recent.by_id.contains_key("cmd-9"));
-        assert!(recent.by_id.contains_key("cmd-10"));
-        assert!(
-            recent
-                .by_id
-                .contains_key(&format!("cmd-{}", RECENTLY_FINISHED + 9))
-        );
-    }
-
-    fn test_command() -> Command {
-        Command {
-            id: String::new(),
-            device_id: "d1".to_owned(),
-            hub_id: "h1".to_owned(),
-            protocol: "mqtt".to_owned(),
-            name: "go".to_owned(),
-            payload: serde_json::Value::Null,
-            seq: 1,
-            state: CommandState::Acknowledged,
-            created_at: 1,
-            expires_at: None,
-            sent_at: None,
-            delivered_at: None,
-            acknowledged_at: None,
-            finished_at: None,
-            reason: None,
-            reply: None,
-            attempts: 1,
-        }
+        assert_eq!(recent.by_id.get("cmd-10"), Some(&10));
+        let newest = RECENTLY_FINISHED + 9;
+        assert_eq!(recent.by_id.get(&format!("cmd-{newest}")), Some(&newest));
     }
 
     #[test]
