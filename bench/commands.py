@@ -522,7 +522,11 @@ def xmpp_devices(label: str, prosody: Prosody, settings: Settings) -> list[LineP
     return procs
 
 
-def run_contender(contender: str, plan: Plan, settings: Settings, args: argparse.Namespace, polyhub_bin: str | None) -> dict:
+def run_contender(
+    contender: str, plan: Plan, settings: Settings, args: argparse.Namespace, polyhub_bin: str | None, rounds: range
+) -> dict:
+    """One server (and its devices) for the open-loop repetitions `rounds`, then the closed loop if
+    the plan has it."""
     label = f"{contender}-{int(time.time())}"
     servers: list = []
     device_procs: list[LineProcess] = []
@@ -589,7 +593,7 @@ def run_contender(contender: str, plan: Plan, settings: Settings, args: argparse
             best["attempts"] = len(attempts)
             return best
 
-        for repetition in range(settings.repetitions):
+        for repetition in rounds:
             for rate in plan.rates:
                 phase = measured(f"{label}-open{rate}-r{repetition}", "open", rate)
                 phase["repetition"] = repetition
@@ -765,6 +769,11 @@ def render_markdown(report: dict) -> str:
         f"round robin over the devices; open loop: {s['warmup_s']:g} s warm-up, then {s['seconds']:g} s measured, "
         f"{s['repetitions']} repetition(s) (medians shown); closed loop: {s['concurrency']} callers, {s['closed_seconds']:g} s measured. "
         "Latency: REST call → answer with the command `acknowledged`."
+        + (
+            " Contenders interleaved: one repetition of each in turn, a fresh server (and devices) per repetition."
+            if report.get("interleaved")
+            else ""
+        )
     )
     lines.append("")
     columns = []
@@ -845,6 +854,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-sockets", type=int, default=256, help="open-loop keep-alive connections at most")
     parser.add_argument("--xmpp-procs", type=int, default=4, help="slixmpp device processes")
     parser.add_argument("--no-closed", action="store_true", help="skip the closed-loop runs")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="alternate the contenders repetition by repetition (a fresh server each time) instead of "
+        "running each one's repetitions back to back: drift of the machine then spreads over all of them",
+    )
     parser.add_argument("--polyhub-bin", default=None, help="use this binary instead of building one")
     parser.add_argument(
         "--before-bin",
@@ -884,6 +899,35 @@ def versions(args: argparse.Namespace, polyhub_bin: str | None, mqtt_version: st
     found["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False).stdout.strip()
     found["mqtt (MQTT.js)"] = mqtt_version
     return found
+
+
+def schedule(contenders: list[str], plans: dict, repetitions: int, interleave: bool) -> list[tuple[str, Plan, range]]:
+    """What to run, in order: each contender with all its repetitions on one server, or (interleaved)
+    one repetition of each contender in turn, the closed loop with the last."""
+    if not interleave:
+        return [(contender, plans[contender], range(repetitions)) for contender in contenders]
+    runs = []
+    for repetition in range(repetitions):
+        last = repetition == repetitions - 1
+        for contender in contenders:
+            plan = Plan(plans[contender].rates, plans[contender].closed and last)
+            runs.append((contender, plan, range(repetition, repetition + 1)))
+    return runs
+
+
+def merge_record(records: dict, contender: str, record: dict) -> None:
+    """Adds one server's record of `contender` to what earlier servers of it recorded."""
+    merged = records.setdefault(contender, {"contender": contender, "phases": [], "servers": 0})
+    merged["servers"] += 1
+    merged["phases"].extend(record["phases"])
+    merged["reruns"] = merged.get("reruns", 0) + record.get("reruns", 0)
+    for key, value in record.items():
+        if key in ("contender", "phases", "reruns"):
+            continue
+        if isinstance(value, list):
+            merged.setdefault(key, []).extend(value)
+        else:
+            merged[key] = value
 
 
 def main(argv: list[str]) -> int:
@@ -931,24 +975,26 @@ def main(argv: list[str]) -> int:
         "versions": versions(args, polyhub_bin, mqtt_version, contenders),
         "command": "python3 bench/commands.py " + " ".join(argv),
         "settings": settings.__dict__,
+        "interleaved": args.interleave,
         "contenders": {},
         "summary": {},
         "method": METHOD,
         "notes": [],
     }
-    for contender in contenders:
+    for contender, plan, rounds in schedule(contenders, plans, settings.repetitions, args.interleave):
         print(f"bench: {contender} (waiting for {LOCK_FILE})", flush=True)
         with open(LOCK_FILE, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                record = run_contender(contender, plans[contender], settings, args, polyhub_bin)
+                record = run_contender(contender, plan, settings, args, polyhub_bin, rounds)
             except BenchError as error:
                 print(f"bench: {contender} failed: {error}", file=sys.stderr, flush=True)
                 report["notes"].append(f"{contender} failed: {str(error).splitlines()[0]}")
                 continue
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        report["contenders"][contender] = record
+        merge_record(report["contenders"], contender, record)
+    for contender, record in report["contenders"].items():
         report["summary"][contender] = {
             str(rate): summarize_rate(record, rate) for rate in plans[contender].rates if summarize_rate(record, rate)
         }
