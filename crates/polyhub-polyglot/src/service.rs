@@ -181,14 +181,20 @@ struct Waiters {
     recent: Mutex<RecentlyFinished<Command>>,
 }
 
-/// How many finished commands [`Waiters`] keeps (about a second's worth at 1,000/s).
+/// How many finished commands [`Waiters`] keeps at most (about a second's worth at 1,000/s).
 const RECENTLY_FINISHED: usize = 1024;
 
-/// Finished commands by id, oldest first, at most [`RECENTLY_FINISHED`].
+/// How many bytes of finished commands [`Waiters`] keeps at most, about: payloads and replies
+/// may be up to 64 KiB each, and a thousand of those would be memory held for a shortcut.
+const RECENTLY_FINISHED_BYTES: usize = 4 << 20;
+
+/// Finished commands by id, oldest first, at most [`RECENTLY_FINISHED`] of them and
+/// [`RECENTLY_FINISHED_BYTES`] in all.
 #[derive(Debug)]
 struct RecentlyFinished<T> {
-    order: VecDeque<String>,
+    order: VecDeque<(String, usize)>,
     by_id: HashMap<String, T>,
+    bytes: usize,
 }
 
 impl<T> Default for RecentlyFinished<T> {
@@ -196,18 +202,25 @@ impl<T> Default for RecentlyFinished<T> {
         RecentlyFinished {
             order: VecDeque::new(),
             by_id: HashMap::new(),
+            bytes: 0,
         }
     }
 }
 
 impl<T> RecentlyFinished<T> {
-    fn keep(&mut self, id: &str, finished: T) {
-        if self.by_id.insert(id.to_owned(), finished).is_none() {
-            self.order.push_back(id.to_owned());
+    /// Keeps `finished`, about `bytes` large, dropping the oldest beyond the bounds.
+    fn keep(&mut self, id: &str, finished: T, bytes: usize) {
+        if bytes > RECENTLY_FINISHED_BYTES {
+            return;
         }
-        while self.order.len() > RECENTLY_FINISHED {
-            if let Some(oldest) = self.order.pop_front() {
+        if self.by_id.insert(id.to_owned(), finished).is_none() {
+            self.order.push_back((id.to_owned(), bytes));
+            self.bytes += bytes;
+        }
+        while self.order.len() > RECENTLY_FINISHED || self.bytes > RECENTLY_FINISHED_BYTES {
+            if let Some((oldest, size)) = self.order.pop_front() {
                 self.by_id.remove(&oldest);
+                self.bytes -= size;
             }
         }
     }
@@ -229,7 +242,8 @@ impl Waiters {
     /// The command is final and stored: its waiters hear it.
     fn finished(&self, command: &Command) {
         // Kept before it leaves `live`, so that a waiter that finds it gone finds it here.
-        self.recent.lock().keep(&command.id, command.clone());
+        let bytes = json_size(&command.payload) + command.reply.as_ref().map_or(0, json_size);
+        self.recent.lock().keep(&command.id, command.clone(), bytes);
         self.end_live(&command.id);
         self.complete(command);
     }
@@ -265,6 +279,23 @@ impl Waiters {
         for sender in senders.into_iter().flatten() {
             let _ = sender.send(command.clone());
         }
+    }
+}
+
+/// About how many bytes `value` holds (its strings, plus a little per node): enough to bound
+/// memory, without encoding it.
+fn json_size(value: &serde_json::Value) -> usize {
+    const NODE: usize = 16;
+    match value {
+        serde_json::Value::String(text) => NODE + text.len(),
+        serde_json::Value::Array(items) => NODE + items.iter().map(json_size).sum::<usize>(),
+        serde_json::Value::Object(fields) => {
+            NODE + fields
+                .iter()
+                .map(|(name, field)| name.len() + json_size(field))
+                .sum::<usize>()
+        }
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => NODE,
     }
 }
 
@@ -1536,9 +1567,9 @@ mod tests {
         let mut recent = RecentlyFinished::default();
         for n in 0..RECENTLY_FINISHED + 10 {
             let id = format!("cmd-{n}");
-            recent.keep(&id, n);
+            recent.keep(&id, n, 10);
             // Kept twice (adopted after a conflict, say) is kept once.
-            recent.keep(&id, n);
+            recent.keep(&id, n, 10);
         }
         assert_eq!(recent.by_id.len(), RECENTLY_FINISHED);
         assert_eq!(recent.order.len(), RECENTLY_FINISHED);
@@ -1546,6 +1577,32 @@ mod tests {
         assert_eq!(recent.by_id.get("cmd-10"), Some(&10));
         let newest = RECENTLY_FINISHED + 9;
         assert_eq!(recent.by_id.get(&format!("cmd-{newest}")), Some(&newest));
+        assert_eq!(recent.bytes, RECENTLY_FINISHED * 10);
+    }
+
+    #[test]
+    fn the_recently_finished_stay_within_their_bytes() {
+        let mut recent = RecentlyFinished::default();
+        let quarter = RECENTLY_FINISHED_BYTES / 4;
+        for n in 0..6 {
+            recent.keep(&format!("cmd-{n}"), n, quarter);
+        }
+        assert_eq!(recent.by_id.len(), 4, "the two oldest dropped");
+        assert!(!recent.by_id.contains_key("cmd-1"));
+        assert!(recent.by_id.contains_key("cmd-2"));
+        assert_eq!(recent.bytes, 4 * quarter);
+        // One larger than the whole budget is not kept, and drops nothing.
+        recent.keep("huge", 99, RECENTLY_FINISHED_BYTES + 1);
+        assert!(!recent.by_id.contains_key("huge"));
+        assert_eq!(recent.by_id.len(), 4);
+    }
+
+    #[test]
+    fn json_sizes_grow_with_the_text_they_hold() {
+        let small = json_size(&serde_json::json!({"on": true}));
+        let large = json_size(&serde_json::json!({"on": "x".repeat(10_000)}));
+        assert!(small < 64, "{small}");
+        assert!(large > 10_000, "{large}");
     }
 
     #[test]
