@@ -4,88 +4,42 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{Mosquitto, WAIT, bounded, free_port, wait_retained};
 use polyhub_sdk::{CommandOptions, Framework, MessageType, Resource, SdkError};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use polyhub_testkit::pki::Pki;
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate: the server files in
-/// `server/`, the client's in `client/` with sgframework's file names.
-fn make_pki(root: &Path) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "sdk test CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |names: Vec<String>, common_name: &str, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(
-        vec!["127.0.0.1".into(), "localhost".into()],
-        "localhost",
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (client_cert, client_key) =
-        leaf(Vec::new(), "taxisign", ExtendedKeyUsagePurpose::ClientAuth);
-    for (dir, files) in [
-        (
-            "server",
-            [
-                ("ca.pem", &ca_cert.pem()),
-                ("cert.pem", &server_cert),
-                ("key.pem", &server_key),
-            ],
-        ),
-        (
-            "client",
-            [
-                ("ca_public_certificate.pem", &ca_cert.pem()),
-                ("public_certificate.pem", &client_cert),
-                ("private_key.pem", &client_key),
-            ],
-        ),
+/// The client's files of `pki` as an sgframework certificate directory (its file names), in a
+/// folder of the PKI's directory.
+fn sgframework_directory(pki: &Pki) -> PathBuf {
+    let dir = pki.dir.path().join("sgframework-client");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, name) in [
+        (&pki.ca_file, "ca_public_certificate.pem"),
+        (&pki.client_cert_file, "public_certificate.pem"),
+        (&pki.client_key_file, "private_key.pem"),
     ] {
-        std::fs::create_dir_all(root.join(dir)).unwrap();
-        for (name, contents) in files {
-            std::fs::write(root.join(dir).join(name), contents).unwrap();
-        }
+        std::fs::copy(from, dir.join(name)).unwrap();
     }
+    dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_over_tls_from_certificate_directory() {
     bounded(async {
-        let pki = tempfile::tempdir().unwrap();
-        make_pki(pki.path());
-        let server = pki.path().join("server");
+        let pki = Pki::new();
         let tls_port = free_port();
         let broker = Mosquitto::start(&format!(
             "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
-            server.join("ca.pem").display(),
-            server.join("cert.pem").display(),
-            server.join("key.pem").display(),
+            pki.ca_file.display(),
+            pki.server_cert_file.display(),
+            pki.server_key_file.display(),
         ))
         .await;
         let sign = Resource::new("sign", "127.0.0.1", tls_port);
-        sign.set_certificate_directory(pki.path().join("client"));
+        sign.set_certificate_directory(sgframework_directory(&pki));
         sign.register_incoming_command(
             "state",
             CommandOptions::new().default_value("False"),
@@ -118,9 +72,7 @@ async fn resource_over_tls_from_certificate_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_over_polyhub_tls_listener() {
     bounded(async {
-        let pki = tempfile::tempdir().unwrap();
-        make_pki(pki.path());
-        let server = pki.path().join("server");
+        let pki = Pki::new();
         let broker = polyhub_broker::Broker::new(polyhub_broker::BrokerConfig {
             sys_interval: 0,
             ..polyhub_broker::BrokerConfig::default()
@@ -131,9 +83,9 @@ async fn resource_over_polyhub_tls_listener() {
         let plain_port = plain_listener.local_addr().unwrap().port();
         let acceptor = polyhub_broker::tls::acceptor(&polyhub_broker::TlsConfig {
             listen: ([127, 0, 0, 1], tls_port).into(),
-            cert_file: server.join("cert.pem"),
-            key_file: server.join("key.pem"),
-            ca_file: Some(server.join("ca.pem")),
+            cert_file: pki.server_cert_file.clone(),
+            key_file: pki.server_key_file.clone(),
+            ca_file: Some(pki.ca_file.clone()),
             require_client_cert: true,
         })
         .unwrap();
@@ -150,7 +102,7 @@ async fn resource_over_polyhub_tls_listener() {
         });
 
         let sign = Resource::new("sign", "127.0.0.1", tls_port);
-        sign.set_certificate_directory(pki.path().join("client"));
+        sign.set_certificate_directory(sgframework_directory(&pki));
         sign.register_outgoing_data("speed", Some("0"), true)
             .unwrap();
         let task = sign.start().unwrap();
