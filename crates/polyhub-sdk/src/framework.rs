@@ -964,8 +964,20 @@ impl TaskHandle {
     pub fn abort(&self) {
         self.task.abort();
         // Forget the dead client so that `start()` works again and sending reports NotStarted.
-        self.framework.inner.running.lock().take();
+        let running = self.framework.inner.running.lock().take();
         self.framework.set_status(false);
+        // Its handles must outlive the loop: the loop may still be in a poll on another thread,
+        // and a client whose last handle is dropped sends DISCONNECT, which would cancel the
+        // will that an abort is meant to fire.
+        if let (Some(running), Ok(runtime)) = (running, tokio::runtime::Handle::try_current()) {
+            let aborted = self.task.abort_handle();
+            runtime.spawn(async move {
+                while !aborted.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                drop(running);
+            });
+        }
     }
 
     /// Whether the task has ended.
