@@ -288,21 +288,34 @@ fn commands_only_broker(address: &str) -> Result<Arc<dyn polyhub_hub::bus::BusCo
 fn forward_subscriptions(broker: &Broker, commands: CommandService, shutdown: CancellationToken) {
     let mut subscribed = broker.subscription_events();
     tokio::spawn(async move {
-        loop {
-            let event = tokio::select! {
-                () = shutdown.cancelled() => return,
-                event = subscribed.recv() => event,
-            };
+        while let Some(event) = next_broadcast(&mut subscribed, &shutdown).await {
             match event {
                 Ok(client_id) => commands.device_subscribed(&client_id).await,
                 // The missed ones are retried on the service's timer (about a second).
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Err(missed) => {
                     debug!("commands: {missed} subscription events were missed under load");
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
     });
+}
+
+/// The next event of a broker broadcast, `Err(missed)` after falling behind, `None` once the
+/// broker is gone or `shutdown` is cancelled.
+async fn next_broadcast<T: Clone>(
+    events: &mut tokio::sync::broadcast::Receiver<T>,
+    shutdown: &CancellationToken,
+) -> Option<Result<T, u64>> {
+    use tokio::sync::broadcast::error::RecvError;
+    let event = tokio::select! {
+        () = shutdown.cancelled() => return None,
+        event = events.recv() => event,
+    };
+    match event {
+        Ok(event) => Some(Ok(event)),
+        Err(RecvError::Lagged(missed)) => Some(Err(missed)),
+        Err(RecvError::Closed) => None,
+    }
 }
 
 /// The broker's connect/disconnect events as the hub's presence events. Clients already
@@ -323,11 +336,7 @@ fn forward_presence(broker: &Broker, shutdown: CancellationToken) -> mpsc::Recei
                 return;
             }
         }
-        loop {
-            let event = tokio::select! {
-                () = shutdown.cancelled() => return,
-                event = events.recv() => event,
-            };
+        while let Some(event) = next_broadcast(&mut events, &shutdown).await {
             match event {
                 Ok(event) => {
                     let at = event
@@ -345,10 +354,9 @@ fn forward_presence(broker: &Broker, shutdown: CancellationToken) -> mpsc::Recei
                         return;
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Err(missed) => {
                     warn!("presence: {missed} connection events were missed under load");
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
     });
