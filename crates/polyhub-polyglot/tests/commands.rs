@@ -784,6 +784,76 @@ async fn a_wait_after_the_answer_needs_no_store_read() {
     hub.stop().await;
 }
 
+/// A started service with devices d1 (online) and d2 on a `MemoryStore`, whose client
+/// confirms every send at once; paused-clock tests use it.
+async fn memory_harness() -> (Arc<MemoryStore>, Arc<FakeClient>, Harness) {
+    let store = Arc::new(MemoryStore::new());
+    add_devices(store.as_ref(), &[("d1", PROTOCOL), ("d2", PROTOCOL)]).await;
+    let client = FakeClient::new(Mode::Delivered);
+    client.set_online("d1", true);
+    let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
+    (store, client, hub)
+}
+
+/// The device answers right after the send: the delivery and the answer are stored in one
+/// write, each step with its own time.
+#[tokio::test(start_paused = true)]
+async fn an_answer_right_after_the_delivery_is_stored_with_it_in_one_write() {
+    let (store, client, hub) = memory_harness().await;
+    let command = hub.submit("d1", "a").await;
+    eventually("the send", || client.sent.lock().len() == 1).await;
+    hub.reply("d1", Some(&command.id), None, true).await;
+    let answered = hub.service.wait(&command.id, PATIENCE).await.unwrap();
+    assert_eq!(answered.state, CommandState::Acknowledged);
+    let stored = store.get_command(&command.id).await.unwrap();
+    assert_eq!(stored, answered, "the waiter heard what is stored");
+    assert!(
+        stored.sent_at.is_some() && stored.delivered_at.is_some() && stored.attempts == 1,
+        "{stored:?}"
+    );
+    assert_eq!(
+        store.command_writes(),
+        1,
+        "delivery and answer in one write"
+    );
+    hub.stop().await;
+}
+
+/// Nobody answers: the delivery is stored on its own once the hold ends, and meanwhile the
+/// service already shows the command delivered.
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_delivery_is_stored_when_the_hold_ends() {
+    let (store, client, hub) = memory_harness().await;
+    let command = hub.submit("d1", "a").await;
+    eventually("the send", || client.sent.lock().len() == 1).await;
+    let held = hub.service.get(&command.id).await.unwrap();
+    assert_eq!(held.state, CommandState::Delivered);
+    assert_eq!(
+        store.get_command(&command.id).await.unwrap().state,
+        CommandState::Queued,
+        "held, not written yet"
+    );
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    eventually("the delivery stored", || store.command_writes() == 1).await;
+    let stored = store.get_command(&command.id).await.unwrap();
+    assert_eq!(stored, held);
+    assert_eq!(hub.service.get(&command.id).await.unwrap(), stored);
+    hub.stop().await;
+}
+
+/// Stopping the service writes what it holds: nothing decided is left unrecorded.
+#[tokio::test(start_paused = true)]
+async fn held_deliveries_are_stored_at_shutdown() {
+    let (store, client, hub) = memory_harness().await;
+    let command = hub.submit("d1", "a").await;
+    eventually("the send", || client.sent.lock().len() == 1).await;
+    hub.stop().await;
+    assert_eq!(
+        store.get_command(&command.id).await.unwrap().state,
+        CommandState::Delivered
+    );
+}
+
 #[tokio::test]
 async fn backend_telemetry_is_stored_like_mqtt_telemetry() {
     let (_dir, store) = new_store().await;

@@ -131,6 +131,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         let _ = change;
         Err(commands_unsupported())
     }
+    /// Applies one command's `changes` in order, as [`Store::transition_command`] would one
+    /// after the other, and returns the command after the last. The command service uses it
+    /// to record a step together with the next one (a delivery with the answer that came
+    /// right after it). The SQLite store makes them one write, all or none; this default
+    /// applies them one by one and stops at the first error.
+    async fn transition_command_steps(
+        &self,
+        changes: Vec<CommandTransition>,
+    ) -> Result<Command, StoreError> {
+        steps_command_id(&changes)?;
+        let mut last = None;
+        for change in changes {
+            last = Some(self.transition_command(change).await?);
+        }
+        last.ok_or_else(|| StoreError::Invalid("no command change to apply".to_owned()))
+    }
     /// Every command not in a final state, ordered by device then `seq`: what the dispatcher
     /// reloads at start-up.
     async fn unfinished_commands(&self) -> Result<Vec<Command>, StoreError> {
@@ -140,4 +156,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
 fn commands_unsupported() -> StoreError {
     StoreError::Backend("this store does not keep commands".to_owned())
+}
+
+/// The command that [`Store::transition_command_steps`]' `changes` are for: `Invalid` unless
+/// there is at least one and they all name the same command.
+pub fn steps_command_id(changes: &[CommandTransition]) -> Result<&str, StoreError> {
+    let Some(first) = changes.first() else {
+        return Err(StoreError::Invalid("no command change to apply".to_owned()));
+    };
+    if changes.iter().any(|change| change.id != first.id) {
+        return Err(StoreError::Invalid(
+            "the steps of one write must all be of one command".to_owned(),
+        ));
+    }
+    Ok(&first.id)
 }

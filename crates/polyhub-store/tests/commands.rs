@@ -399,6 +399,80 @@ async fn queued_to_delivered_records_the_send_in_the_same_step() {
     );
 }
 
+/// Steps written together (a delivery with the answer right after it) are recorded as if
+/// written one by one, in one write: all of them or none.
+#[tokio::test]
+async fn steps_written_together_apply_in_order_all_or_none() {
+    let (_dir, store) = store_with_devices().await;
+    store
+        .create_command(record("c1", "d1", 1_000))
+        .await
+        .unwrap();
+    let mut acknowledged = change("c1", &[Queued, Sent, Delivered], Acknowledged, 1_300);
+    acknowledged.reply = Some(json!({"ok": true}));
+    let answered = store
+        .transition_command_steps(vec![
+            change("c1", &[Queued], Sent, 1_100),
+            change("c1", &[Sent], Delivered, 1_200),
+            acknowledged,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            answered.state,
+            answered.sent_at,
+            answered.delivered_at,
+            answered.acknowledged_at,
+            answered.attempts,
+            answered.reply.clone()
+        ),
+        (
+            Acknowledged,
+            Some(1_100),
+            Some(1_200),
+            Some(1_300),
+            1,
+            Some(json!({"ok": true}))
+        )
+    );
+    assert_eq!(store.get_command("c1").await.unwrap(), answered);
+
+    // The last step is refused: the first is not kept either.
+    store
+        .create_command(record("c2", "d1", 1_000))
+        .await
+        .unwrap();
+    let refused = store
+        .transition_command_steps(vec![
+            change("c2", &[Queued], Delivered, 1_100),
+            change("c2", &[Sent], Acknowledged, 1_200),
+        ])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    let untouched = store.get_command("c2").await.unwrap();
+    assert_eq!(
+        (untouched.state, untouched.sent_at, untouched.attempts),
+        (Queued, None, 0)
+    );
+
+    // Steps of two commands, or none at all, are not one command's steps.
+    for steps in [
+        vec![
+            change("c2", &[Queued], Sent, 1_100),
+            change("c1", &[Acknowledged], Failed, 1_200),
+        ],
+        Vec::new(),
+    ] {
+        let result = store.transition_command_steps(steps).await;
+        assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}");
+    }
+    assert_eq!(store.get_command("c2").await.unwrap().state, Queued);
+}
+
 /// A reply can overtake the transport's confirmation (an XMPP receipt sent after the reply, a
 /// reply to a command still `sent`): the answer proves delivery, so `delivered_at` is filled,
 /// and an earlier confirmation keeps its own time.

@@ -65,6 +65,9 @@ struct State {
     commands: BTreeMap<String, Command>,
     /// The last timestamp handed out.
     clock: Millis,
+    /// How many command transition writes succeeded (one per `transition_command` or
+    /// `transition_command_steps` call).
+    command_writes: usize,
 }
 
 impl State {
@@ -80,6 +83,12 @@ impl MemoryStore {
     /// An empty, healthy store.
     pub fn new() -> Self {
         MemoryStore::default()
+    }
+
+    /// How many command transition writes succeeded so far: one per `transition_command` or
+    /// `transition_command_steps` call, however many steps it carried.
+    pub fn command_writes(&self) -> usize {
+        self.state.lock().command_writes
     }
 
     /// Takes the whole store down (every trait call fails `Unavailable`) or brings it back.
@@ -820,49 +829,27 @@ impl Store for MemoryStore {
     }
 
     async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
+        self.transition_command_steps(vec![change]).await
+    }
+
+    async fn transition_command_steps(
+        &self,
+        changes: Vec<CommandTransition>,
+    ) -> Result<Command, StoreError> {
+        let id = polyhub_store::steps_command_id(&changes)?.to_owned();
         let mut state = self.state()?;
-        let command = state
+        // Applied to a copy, kept only if every step applies: all or none, like SQLite's.
+        let mut command = state
             .commands
-            .get_mut(&change.id)
-            .ok_or_else(|| not_found("command", &change.id))?;
-        // A final state is final whatever `from` says: a late event must not revive it.
-        if command.state.is_final() || !change.from.contains(&command.state) {
-            return Err(StoreError::Conflict(format!(
-                "command {:?} is {:?}",
-                change.id, command.state
-            )));
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| not_found("command", &id))?;
+        for change in changes {
+            apply_transition(&mut command, change)?;
         }
-        let sent_and_delivered =
-            change.to == CommandState::Delivered && command.state == CommandState::Queued;
-        command.state = change.to;
-        match change.to {
-            CommandState::Queued => {}
-            CommandState::Sent => {
-                command.sent_at = Some(change.at);
-                command.attempts += 1;
-            }
-            CommandState::Delivered => {
-                command.delivered_at = Some(change.at);
-                if sent_and_delivered {
-                    command.sent_at = Some(change.at);
-                    command.attempts += 1;
-                }
-            }
-            CommandState::Acknowledged => {
-                command.acknowledged_at = Some(change.at);
-                command.delivered_at.get_or_insert(change.at);
-            }
-            CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
-                command.finished_at = Some(change.at);
-            }
-        }
-        if change.reason.is_some() {
-            command.reason = change.reason;
-        }
-        if change.reply.is_some() {
-            command.reply = change.reply;
-        }
-        Ok(command.clone())
+        state.commands.insert(id, command.clone());
+        state.command_writes += 1;
+        Ok(command)
     }
 
     async fn unfinished_commands(&self) -> Result<Vec<Command>, StoreError> {
@@ -876,4 +863,46 @@ impl Store for MemoryStore {
         items.sort_by(|a, b| (&a.device_id, a.seq).cmp(&(&b.device_id, b.seq)));
         Ok(items)
     }
+}
+
+/// One step of [`Store::transition_command`] on `command` (the same rules as the SQLite store).
+fn apply_transition(command: &mut Command, change: CommandTransition) -> Result<(), StoreError> {
+    // A final state is final whatever `from` says: a late event must not revive it.
+    if command.state.is_final() || !change.from.contains(&command.state) {
+        return Err(StoreError::Conflict(format!(
+            "command {:?} is {:?}",
+            change.id, command.state
+        )));
+    }
+    let sent_and_delivered =
+        change.to == CommandState::Delivered && command.state == CommandState::Queued;
+    command.state = change.to;
+    match change.to {
+        CommandState::Queued => {}
+        CommandState::Sent => {
+            command.sent_at = Some(change.at);
+            command.attempts += 1;
+        }
+        CommandState::Delivered => {
+            command.delivered_at = Some(change.at);
+            if sent_and_delivered {
+                command.sent_at = Some(change.at);
+                command.attempts += 1;
+            }
+        }
+        CommandState::Acknowledged => {
+            command.acknowledged_at = Some(change.at);
+            command.delivered_at.get_or_insert(change.at);
+        }
+        CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
+            command.finished_at = Some(change.at);
+        }
+    }
+    if change.reason.is_some() {
+        command.reason = change.reason;
+    }
+    if change.reply.is_some() {
+        command.reply = change.reply;
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! The kit's `MemoryStore` where neither the API's nor the hub's tests reach: both ways to
 //! inject failures, seq dedupe and pruning, presence as SQLite keeps it, rows per hub and
-//! final command states.
+//! final command states, command steps written together.
 
 use polyhub_store::{
     CommandState, CommandTransition, DesiredState, HubSettings, IngestBatch, IngestedMessage,
@@ -214,4 +214,64 @@ async fn commands_keep_final_states_final() {
         .await;
     assert!(matches!(revived, Err(StoreError::Conflict(_))));
     assert!(store.unfinished_commands().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn command_steps_apply_all_or_none_and_count_as_one_write() {
+    let store = with_devices(&[("h1", "d1")]).await;
+    for id in ["c1", "c2"] {
+        store
+            .create_command(NewCommandRecord {
+                id: id.into(),
+                device_id: "d1".into(),
+                hub_id: "h1".into(),
+                protocol: "mqtt".into(),
+                name: "open".into(),
+                payload: serde_json::json!({}),
+                created_at: 1,
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+    }
+    let transition = |id: &str, from: CommandState, to, at| CommandTransition {
+        id: id.into(),
+        from: vec![from],
+        to,
+        at,
+        reason: None,
+        reply: None,
+    };
+    let answered = store
+        .transition_command_steps(vec![
+            transition("c1", CommandState::Queued, CommandState::Delivered, 5),
+            transition("c1", CommandState::Delivered, CommandState::Acknowledged, 9),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            answered.state,
+            answered.sent_at,
+            answered.delivered_at,
+            answered.acknowledged_at,
+            answered.attempts
+        ),
+        (CommandState::Acknowledged, Some(5), Some(5), Some(9), 1)
+    );
+    assert_eq!(store.command_writes(), 1);
+
+    let refused = store
+        .transition_command_steps(vec![
+            transition("c2", CommandState::Queued, CommandState::Delivered, 5),
+            transition("c2", CommandState::Sent, CommandState::Acknowledged, 9),
+        ])
+        .await;
+    assert!(matches!(refused, Err(StoreError::Conflict(_))));
+    let untouched = store.get_command("c2").await.unwrap();
+    assert_eq!(
+        (untouched.state, untouched.attempts),
+        (CommandState::Queued, 0)
+    );
+    assert_eq!(store.command_writes(), 1, "a refused write is not counted");
 }
