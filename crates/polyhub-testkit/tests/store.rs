@@ -163,22 +163,24 @@ async fn presence_and_rows_follow_the_registry() {
     ));
 }
 
+/// Command `id` for device d1 of hub h1, created at 1 and never expiring.
+fn command_record(id: &str) -> NewCommandRecord {
+    NewCommandRecord {
+        id: id.into(),
+        device_id: "d1".into(),
+        hub_id: "h1".into(),
+        protocol: "mqtt".into(),
+        name: "open".into(),
+        payload: serde_json::json!({}),
+        created_at: 1,
+        expires_at: None,
+    }
+}
+
 #[tokio::test]
 async fn commands_keep_final_states_final() {
     let store = with_devices(&[("h1", "d1")]).await;
-    let command = store
-        .create_command(NewCommandRecord {
-            id: "c1".into(),
-            device_id: "d1".into(),
-            hub_id: "h1".into(),
-            protocol: "mqtt".into(),
-            name: "open".into(),
-            payload: serde_json::json!({}),
-            created_at: 1,
-            expires_at: None,
-        })
-        .await
-        .unwrap();
+    let command = store.create_command(command_record("c1")).await.unwrap();
     assert_eq!((command.seq, command.state), (1, CommandState::Queued));
     let transition = |from: Vec<CommandState>, to, at| CommandTransition {
         id: "c1".into(),
@@ -220,19 +222,7 @@ async fn commands_keep_final_states_final() {
 async fn command_steps_apply_all_or_none_and_count_as_one_write() {
     let store = with_devices(&[("h1", "d1")]).await;
     for id in ["c1", "c2"] {
-        store
-            .create_command(NewCommandRecord {
-                id: id.into(),
-                device_id: "d1".into(),
-                hub_id: "h1".into(),
-                protocol: "mqtt".into(),
-                name: "open".into(),
-                payload: serde_json::json!({}),
-                created_at: 1,
-                expires_at: None,
-            })
-            .await
-            .unwrap();
+        store.create_command(command_record(id)).await.unwrap();
     }
     let transition = |id: &str, from: CommandState, to, at| CommandTransition {
         id: id.into(),
