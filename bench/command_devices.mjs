@@ -20,6 +20,8 @@ import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import mqtt from 'mqtt';
 
+import { watchGcPauses } from './gc_pauses.mjs';
+
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 
 function emit(event) {
@@ -38,6 +40,7 @@ let commands = 0;
 let malformed = 0;
 let replies = 0;
 let cpuStart = process.cpuUsage();
+const gc = watchGcPauses();
 const clients = [];
 
 function answer(client, device, payload) {
@@ -119,6 +122,7 @@ function stop() {
     replies,
     malformed,
     cpu_s: (used.user + used.system) / 1e6,
+    gc: gc.summary(),
   });
   for (const client of clients) client.end(true);
   setTimeout(() => process.exit(0), 200);
@@ -128,6 +132,7 @@ createInterface({ input: process.stdin }).on('line', (line) => {
   const word = line.trim();
   if (word === 'measure') {
     cpuStart = process.cpuUsage();
+    gc.reset();
     commands = 0;
     replies = 0;
   } else if (word === 'stop') {

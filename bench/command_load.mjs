@@ -30,7 +30,10 @@ import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import http from 'node:http';
 
+import { watchGcPauses } from './gc_pauses.mjs';
+
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
+const gc = watchGcPauses();
 
 function emit(event) {
   process.stdout.write(JSON.stringify(event) + '\n');
@@ -211,7 +214,10 @@ async function run() {
   const measureFromUs = t0 + config.warmup_s * 1e6;
   measureStartUs = measureFromUs;
   const endUs = measureFromUs + config.duration_s * 1e6;
-  const announce = setTimeout(() => emit({ event: 'measuring', t_us: measureFromUs }), config.warmup_s * 1000);
+  const announce = setTimeout(() => {
+    gc.reset();
+    emit({ event: 'measuring', t_us: measureFromUs });
+  }, config.warmup_s * 1000);
   if (config.mode === 'open') await openLoop(measureFromUs, endUs, t0);
   else await closedLoop(measureFromUs, endUs);
   clearTimeout(announce);
@@ -229,6 +235,7 @@ async function run() {
     cpu_s: (used.user + used.system) / 1e6,
     run_s: (finishedUs - t0) / 1e6,
     sockets: config.max_sockets,
+    gc: gc.summary(),
     ...stats,
   });
   agent.destroy();

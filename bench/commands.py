@@ -459,6 +459,7 @@ def run_phase(
         "other_load_cpu1_pct": max(0.0, 100.0 * ((cpus_after[1] - cpus_before[1]) - server_cpu_s) / wall),
         "histogram": histogram,
         "timeline_max_ms": [round(v / 1000, 2) for v in result["timeline_max_us"]],
+        "generator_gc": result.get("gc"),
     }
     record["ok"] = record["http_errors"] == 0 and record["transport_errors"] == 0 and record["not_acknowledged"] == 0
     return record
@@ -471,9 +472,17 @@ def print_phase(label: str, record: dict) -> None:
         f"p99.9 {fmt(record['p999_ms'], 2)} ms, not acknowledged {record['not_acknowledged']}, "
         f"errors {record['http_errors'] + record['transport_errors']}, "
         f"server CPU {record['server_cpu_pct']:.0f}%, other load {record['other_load_cpu0_pct']:.0f}%/"
-        f"{record['other_load_cpu1_pct']:.0f}%",
+        f"{record['other_load_cpu1_pct']:.0f}%{gc_text(record.get('generator_gc'))}",
         flush=True,
     )
+
+
+def gc_text(gc: dict | None) -> str:
+    """The load generator's garbage-collection pauses in the window, for the console."""
+    if not gc:
+        return ""
+    return f", generator GC {gc['count']} pauses, {gc['total_ms']:.0f} ms in all, longest {gc['max_ms']:.1f} ms"
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,6 +614,7 @@ def run_contender(
             device.send("stop")
             device_results.append(device.wait("result", 30, servers))
         record["device_commands_last_phase"] = sum(r["commands"] for r in device_results)
+        record["device_gc_last_phase"] = [r.get("gc") for r in device_results]
         record["server_peak_rss_kb"] = {
             pid_labels[pid]: proc_status_kb(pid, "VmHWM") for pid in pids
         }
