@@ -782,6 +782,7 @@ impl Recorder {
                         for id in held {
                             self.release(&id);
                         }
+                        self.hold_ends.clear();
                     }
                 },
                 () = tokio::time::sleep_until(hold_end.unwrap_or_else(Instant::now)), if hold_end.is_some() => {
@@ -913,8 +914,9 @@ impl Recorder {
             return;
         };
         self.waiters.release_hold(&change.id);
-        // The command before the first step: what the store still has if the write failed.
-        let before = steps.first().and_then(|record| record.before.clone());
+        // The command as it was decided just before the last step (for a final step that
+        // failed: it went out if an earlier step says so, even if that step was not stored).
+        let before = steps.last().and_then(|record| record.before.clone());
         let mut moves = Vec::with_capacity(steps.len());
         let mut reply = None;
         for record in steps {

@@ -841,6 +841,37 @@ async fn an_unanswered_delivery_is_stored_when_the_hold_ends() {
     hub.stop().await;
 }
 
+/// The answer's write fails (with the held delivery in it): the command is tracked again as
+/// delivered, not sent again, and a later answer is stored.
+#[tokio::test(start_paused = true)]
+async fn an_answer_whose_write_fails_leaves_the_command_delivered_not_queued() {
+    let (store, client, hub) = memory_harness().await;
+    let first = hub.submit("d1", "a").await;
+    eventually("the send", || client.sent.lock().len() == 1).await;
+    store.set_down(true);
+    hub.reply("d1", Some(&first.id), None, true).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    store.set_down(false);
+    assert_eq!(store.command_writes(), 0, "nothing stored while down");
+
+    let second = hub.submit("d1", "b").await;
+    eventually("the second send", || client.sent.lock().len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        client.sent_ids(),
+        vec![first.id.clone(), second.id.clone()],
+        "the first went out once"
+    );
+    hub.reply("d1", Some(&first.id), None, true).await;
+    let answered = hub.service.wait(&first.id, PATIENCE).await.unwrap();
+    assert_eq!(answered.state, CommandState::Acknowledged);
+    assert_eq!(
+        store.get_command(&first.id).await.unwrap().state,
+        CommandState::Acknowledged
+    );
+    hub.stop().await;
+}
+
 /// Stopping the service writes what it holds: nothing decided is left unrecorded.
 #[tokio::test(start_paused = true)]
 async fn held_deliveries_are_stored_at_shutdown() {
