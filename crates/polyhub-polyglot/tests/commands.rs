@@ -872,13 +872,20 @@ async fn an_answer_whose_write_fails_leaves_the_command_delivered_not_queued() {
     hub.stop().await;
 }
 
-/// Stopping the service writes what it holds: nothing decided is left unrecorded.
+/// Stopping the service writes what it holds at once: nothing decided is left unrecorded, and
+/// stopping does not wait for the hold to end.
 #[tokio::test(start_paused = true)]
 async fn held_deliveries_are_stored_at_shutdown() {
     let (store, client, hub) = memory_harness().await;
     let command = hub.submit("d1", "a").await;
     eventually("the send", || client.sent.lock().len() == 1).await;
+    let stopping = tokio::time::Instant::now();
     hub.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_millis(40),
+        "stopped after {:?}: at the hold's end, not at once",
+        stopping.elapsed()
+    );
     assert_eq!(
         store.get_command(&command.id).await.unwrap().state,
         CommandState::Delivered
