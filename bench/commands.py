@@ -484,7 +484,6 @@ def gc_text(gc: dict | None) -> str:
     return f", generator GC {gc['count']} pauses, {gc['total_ms']:.0f} ms in all, longest {gc['max_ms']:.1f} ms"
 
 
-
 # --------------------------------------------------------------------------------------------
 # One contender: servers, devices, phases
 

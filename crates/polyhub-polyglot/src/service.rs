@@ -877,7 +877,6 @@ impl Recorder {
         };
         let store = self.store.clone();
         let id = first.change.id.clone();
-        let command_id = id.clone();
         let task = self.running.spawn(async move {
             let mut changes: Vec<CommandTransition> =
                 steps.iter().map(|record| record.change.clone()).collect();
@@ -887,7 +886,7 @@ impl Recorder {
                 store.transition_command_steps(changes).await
             };
             let stored = match &result {
-                Err(StoreError::Conflict(_)) => store.get_command(&command_id).await.ok(),
+                Err(StoreError::Conflict(_)) => store.get_command(&steps[0].change.id).await.ok(),
                 _ => None,
             };
             (steps, result, stored)
@@ -1611,35 +1610,7 @@ impl Dispatcher {
 /// store's: see `Store::transition_command`).
 fn applied(command: &Command, change: &CommandTransition) -> Command {
     let mut after = command.clone();
-    after.state = change.to;
-    match change.to {
-        CommandState::Queued => {}
-        CommandState::Sent => {
-            after.sent_at = Some(change.at);
-            after.attempts = after.attempts.saturating_add(1);
-        }
-        CommandState::Delivered => {
-            if command.state == CommandState::Queued {
-                // A send confirmed at once.
-                after.sent_at = Some(change.at);
-                after.attempts = after.attempts.saturating_add(1);
-            }
-            after.delivered_at = Some(change.at);
-        }
-        CommandState::Acknowledged => {
-            after.acknowledged_at = Some(change.at);
-            after.delivered_at.get_or_insert(change.at);
-        }
-        CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
-            after.finished_at = Some(change.at);
-        }
-    }
-    if let Some(reason) = &change.reason {
-        after.reason = Some(reason.clone());
-    }
-    if let Some(reply) = &change.reply {
-        after.reply = Some(reply.clone());
-    }
+    after.apply(change);
     after
 }
 

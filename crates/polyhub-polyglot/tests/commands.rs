@@ -785,23 +785,25 @@ async fn a_wait_after_the_answer_needs_no_store_read() {
 }
 
 /// A started service with devices d1 (online) and d2 on a `MemoryStore`, whose client
-/// confirms every send at once; paused-clock tests use it.
-async fn memory_harness() -> (Arc<MemoryStore>, Arc<FakeClient>, Harness) {
+/// confirms every send at once, and a command to d1 that the client has been handed (its
+/// `delivered` step decided, not yet stored); paused-clock tests use it.
+async fn a_sent_command_on_a_memory_store() -> (Arc<MemoryStore>, Arc<FakeClient>, Harness, Command)
+{
     let store = Arc::new(MemoryStore::new());
     add_devices(store.as_ref(), &[("d1", PROTOCOL), ("d2", PROTOCOL)]).await;
     let client = FakeClient::new(Mode::Delivered);
     client.set_online("d1", true);
     let hub = Harness::start(store.clone(), client.clone(), CommandConfig::default());
-    (store, client, hub)
+    let command = hub.submit("d1", "a").await;
+    eventually("the send", || client.sent.lock().len() == 1).await;
+    (store, client, hub, command)
 }
 
 /// The device answers right after the send: the delivery and the answer are stored in one
 /// write, each step with its own time.
 #[tokio::test(start_paused = true)]
 async fn an_answer_right_after_the_delivery_is_stored_with_it_in_one_write() {
-    let (store, client, hub) = memory_harness().await;
-    let command = hub.submit("d1", "a").await;
-    eventually("the send", || client.sent.lock().len() == 1).await;
+    let (store, _client, hub, command) = a_sent_command_on_a_memory_store().await;
     hub.reply("d1", Some(&command.id), None, true).await;
     let answered = hub.service.wait(&command.id, PATIENCE).await.unwrap();
     assert_eq!(answered.state, CommandState::Acknowledged);
@@ -823,9 +825,7 @@ async fn an_answer_right_after_the_delivery_is_stored_with_it_in_one_write() {
 /// service already shows the command delivered.
 #[tokio::test(start_paused = true)]
 async fn an_unanswered_delivery_is_stored_when_the_hold_ends() {
-    let (store, client, hub) = memory_harness().await;
-    let command = hub.submit("d1", "a").await;
-    eventually("the send", || client.sent.lock().len() == 1).await;
+    let (store, _client, hub, command) = a_sent_command_on_a_memory_store().await;
     let held = hub.service.get(&command.id).await.unwrap();
     assert_eq!(held.state, CommandState::Delivered);
     assert_eq!(
@@ -845,9 +845,7 @@ async fn an_unanswered_delivery_is_stored_when_the_hold_ends() {
 /// delivered, not sent again, and a later answer is stored.
 #[tokio::test(start_paused = true)]
 async fn an_answer_whose_write_fails_leaves_the_command_delivered_not_queued() {
-    let (store, client, hub) = memory_harness().await;
-    let first = hub.submit("d1", "a").await;
-    eventually("the send", || client.sent.lock().len() == 1).await;
+    let (store, client, hub, first) = a_sent_command_on_a_memory_store().await;
     store.set_down(true);
     hub.reply("d1", Some(&first.id), None, true).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -876,9 +874,7 @@ async fn an_answer_whose_write_fails_leaves_the_command_delivered_not_queued() {
 /// stopping does not wait for the hold to end.
 #[tokio::test(start_paused = true)]
 async fn held_deliveries_are_stored_at_shutdown() {
-    let (store, client, hub) = memory_harness().await;
-    let command = hub.submit("d1", "a").await;
-    eventually("the send", || client.sent.lock().len() == 1).await;
+    let (store, _client, hub, command) = a_sent_command_on_a_memory_store().await;
     let stopping = tokio::time::Instant::now();
     hub.stop().await;
     assert!(

@@ -141,11 +141,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         changes: Vec<CommandTransition>,
     ) -> Result<Command, StoreError> {
         steps_command_id(&changes)?;
-        let mut last = None;
+        let mut last = Err(no_command_change());
         for change in changes {
-            last = Some(self.transition_command(change).await?);
+            last = Ok(self.transition_command(change).await?);
         }
-        last.ok_or_else(|| StoreError::Invalid("no command change to apply".to_owned()))
+        last
     }
     /// Every command not in a final state, ordered by device then `seq`: what the dispatcher
     /// reloads at start-up.
@@ -158,11 +158,16 @@ fn commands_unsupported() -> StoreError {
     StoreError::Backend("this store does not keep commands".to_owned())
 }
 
+/// [`Store::transition_command_steps`] was given no change.
+pub(crate) fn no_command_change() -> StoreError {
+    StoreError::Invalid("no command change to apply".to_owned())
+}
+
 /// The command that [`Store::transition_command_steps`]' `changes` are for: `Invalid` unless
 /// there is at least one and they all name the same command.
 pub fn steps_command_id(changes: &[CommandTransition]) -> Result<&str, StoreError> {
     let Some(first) = changes.first() else {
-        return Err(StoreError::Invalid("no command change to apply".to_owned()));
+        return Err(no_command_change());
     };
     if changes.iter().any(|change| change.id != first.id) {
         return Err(StoreError::Invalid(

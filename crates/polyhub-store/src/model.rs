@@ -562,6 +562,45 @@ pub struct Command {
     pub attempts: u32,
 }
 
+impl Command {
+    /// Applies `change` as every store records it (see `Store::transition_command`), without
+    /// checking `from`: the new state and its time; a send (`Sent`, or `Queued` → `Delivered`)
+    /// also sets `sent_at` and counts an attempt; an acknowledgement fills an empty
+    /// `delivered_at`; a reason or reply replaces the old one.
+    pub fn apply(&mut self, change: &CommandTransition) {
+        let sent_and_delivered =
+            change.to == CommandState::Delivered && self.state == CommandState::Queued;
+        self.state = change.to;
+        match change.to {
+            CommandState::Queued => {}
+            CommandState::Sent => {
+                self.sent_at = Some(change.at);
+                self.attempts = self.attempts.saturating_add(1);
+            }
+            CommandState::Delivered => {
+                if sent_and_delivered {
+                    self.sent_at = Some(change.at);
+                    self.attempts = self.attempts.saturating_add(1);
+                }
+                self.delivered_at = Some(change.at);
+            }
+            CommandState::Acknowledged => {
+                self.acknowledged_at = Some(change.at);
+                self.delivered_at.get_or_insert(change.at);
+            }
+            CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
+                self.finished_at = Some(change.at);
+            }
+        }
+        if let Some(reason) = &change.reason {
+            self.reason = Some(reason.clone());
+        }
+        if let Some(reply) = &change.reply {
+            self.reply = Some(reply.clone());
+        }
+    }
+}
+
 /// A command as it is first stored (state `Queued`; the store assigns `seq`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewCommandRecord {

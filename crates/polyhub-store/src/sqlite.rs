@@ -989,7 +989,7 @@ impl Store for SqliteStore {
         };
         // One write: an error in any step rolls back the steps before it too.
         self.write_with(durability, move |tx| {
-            let mut last = Err(StoreError::Invalid("no command change to apply".to_owned()));
+            let mut last = Err(crate::no_command_change());
             for change in &changes {
                 last = Ok(commands::transition_command(tx, change)?);
             }

@@ -865,7 +865,7 @@ impl Store for MemoryStore {
     }
 }
 
-/// One step of [`Store::transition_command`] on `command` (the same rules as the SQLite store).
+/// One step of [`Store::transition_command`] on `command`, refused as SQLite refuses it.
 fn apply_transition(command: &mut Command, change: CommandTransition) -> Result<(), StoreError> {
     // A final state is final whatever `from` says: a late event must not revive it.
     if command.state.is_final() || !change.from.contains(&command.state) {
@@ -874,35 +874,6 @@ fn apply_transition(command: &mut Command, change: CommandTransition) -> Result<
             change.id, command.state
         )));
     }
-    let sent_and_delivered =
-        change.to == CommandState::Delivered && command.state == CommandState::Queued;
-    command.state = change.to;
-    match change.to {
-        CommandState::Queued => {}
-        CommandState::Sent => {
-            command.sent_at = Some(change.at);
-            command.attempts += 1;
-        }
-        CommandState::Delivered => {
-            command.delivered_at = Some(change.at);
-            if sent_and_delivered {
-                command.sent_at = Some(change.at);
-                command.attempts += 1;
-            }
-        }
-        CommandState::Acknowledged => {
-            command.acknowledged_at = Some(change.at);
-            command.delivered_at.get_or_insert(change.at);
-        }
-        CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
-            command.finished_at = Some(change.at);
-        }
-    }
-    if change.reason.is_some() {
-        command.reason = change.reason;
-    }
-    if change.reply.is_some() {
-        command.reply = change.reply;
-    }
+    command.apply(&change);
     Ok(())
 }
