@@ -26,7 +26,7 @@
 // Histograms: exact below 100 us, then 1% wide buckets (the layout of loadgen.mjs, read by
 // run.py's percentile_us).
 
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import http from 'node:http';
 
@@ -51,6 +51,30 @@ const LOG_STEP = Math.log(1.01);
 function bucketOf(us) {
   if (us < LINEAR_US) return Math.max(0, Math.floor(us));
   return LINEAR_US + Math.floor(Math.log(us / LINEAR_US) / LOG_STEP);
+}
+
+// Groups the slow calls' start times into bursts: three or more slow calls, each started within
+// config.burst_gap_ms of the previous one.
+function slowBursts() {
+  const starts = [...slowStartsUs].sort((a, b) => a - b);
+  let inBursts = 0;
+  let bursts = 0;
+  let run = 0;
+  const close = () => {
+    if (run >= 3) {
+      inBursts += run;
+      bursts += 1;
+    }
+  };
+  for (let i = 0; i < starts.length; i += 1) {
+    if (i > 0 && starts[i] - starts[i - 1] > config.burst_gap_ms * 1000) {
+      close();
+      run = 0;
+    }
+    run += 1;
+  }
+  close();
+  return { slow_calls: starts.length, slow_calls_in_bursts: inBursts, slow_bursts: bursts };
 }
 
 function nowUs() {
@@ -122,6 +146,12 @@ const stats = {
   timeline_max_us: [], // slowest acknowledged call per 100 ms of the measured window (by call time)
 };
 let measureStartUs = 0;
+// Calls slower than config.slow_ms, by start time: one stall of the server (or of this machine)
+// slows every call in flight, and those come in bursts; a slow command path slows calls one by one.
+const slowStartsUs = [];
+// Every acknowledged call as [start µs from the measured window's start, latency µs], when
+// config.calls_file asks for them (bench/commands.py --calls-dir).
+const callLog = config.calls_file ? [] : null;
 
 function record(result, measured, startedUs, doneUs) {
   if (!measured) return;
@@ -144,6 +174,8 @@ function record(result, measured, startedUs, doneUs) {
     return;
   }
   stats.acknowledged += 1;
+  if (doneUs - startedUs > config.slow_ms * 1000) slowStartsUs.push(startedUs);
+  if (callLog) callLog.push([startedUs - measureStartUs, doneUs - startedUs]);
   const slot = Math.max(0, Math.floor((startedUs - measureStartUs) / 100_000));
   while (stats.timeline_max_us.length <= slot) stats.timeline_max_us.push(0);
   stats.timeline_max_us[slot] = Math.max(stats.timeline_max_us[slot], doneUs - startedUs);
@@ -223,6 +255,7 @@ async function run() {
   clearTimeout(announce);
   const used = process.cpuUsage(cpuStart);
   const finishedUs = nowUs();
+  if (callLog) writeFileSync(config.calls_file, JSON.stringify({ measure_from_us: measureFromUs, calls: callLog }));
   emit({
     event: 'result',
     mode: config.mode,
@@ -236,6 +269,7 @@ async function run() {
     run_s: (finishedUs - t0) / 1e6,
     sockets: config.max_sockets,
     gc: gc.summary(),
+    ...slowBursts(),
     ...stats,
   });
   agent.destroy();

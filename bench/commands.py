@@ -87,6 +87,9 @@ COMMAND_NAME = "set"
 # Issue 5: p99 under 5 ms for MQTT at 1,000 commands/s.
 TARGET_RATE = 1_000
 TARGET_P99_MS = 5.0
+# Slow calls (over TARGET_P99_MS) that started within this of another slow call belong to one
+# burst: many calls slowed down together by one stall, rather than one slow command.
+SLOW_BURST_GAP_MS = 3.0
 # Eclipse Hono's published command round trip (for the report's context only).
 HONO_P99_MS = 279.0
 HONO_RATE = 300
@@ -368,7 +371,26 @@ class Settings:
     concurrency: int
     max_sockets: int
     xmpp_procs: int
+    mqtt_device_procs: int
     repetitions: int
+    calls_dir: str | None
+
+
+def flush_page_cache() -> int:
+    """Writes back every dirty page of the machine before a run and returns how many KiB were
+    waiting. polyhub syncs every commit; a writeback of other files' data (logs, an earlier
+    run's files) queued on the same disk delays those syncs by tens of milliseconds."""
+    unwritten_kb = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                key, _, value = line.partition(":")
+                if key in ("Dirty", "Writeback"):
+                    unwritten_kb += int(value.split()[0])
+    except OSError:
+        pass
+    os.sync()
+    return unwritten_kb
 
 
 def run_phase(
@@ -395,7 +417,11 @@ def run_phase(
         command_name=COMMAND_NAME,
         devices=[device_id(i) for i in range(settings.devices)],
         hard_timeout_s=int(settings.warmup_s + duration + settings.wait_ms / 1000 + 120),
+        calls_file=str(Path(settings.calls_dir) / f"{name}.calls.json") if settings.calls_dir else None,
+        slow_ms=TARGET_P99_MS,
+        burst_gap_ms=SLOW_BURST_GAP_MS,
     )
+    unwritten_kb = flush_page_cache()
     load = LineProcess(name, ["node", str(LOAD_MJS), json_config(name, config)], GENERATOR_CPU)
     try:
         load.wait("ready", 60, servers)
@@ -460,6 +486,10 @@ def run_phase(
         "histogram": histogram,
         "timeline_max_ms": [round(v / 1000, 2) for v in result["timeline_max_us"]],
         "generator_gc": result.get("gc"),
+        "slow_calls": result.get("slow_calls"),
+        "slow_calls_in_bursts": result.get("slow_calls_in_bursts"),
+        "slow_bursts": result.get("slow_bursts"),
+        "unwritten_kb_before": unwritten_kb,
     }
     record["ok"] = record["http_errors"] == 0 and record["transport_errors"] == 0 and record["not_acknowledged"] == 0
     return record
@@ -472,9 +502,19 @@ def print_phase(label: str, record: dict) -> None:
         f"p99.9 {fmt(record['p999_ms'], 2)} ms, not acknowledged {record['not_acknowledged']}, "
         f"errors {record['http_errors'] + record['transport_errors']}, "
         f"server CPU {record['server_cpu_pct']:.0f}%, other load {record['other_load_cpu0_pct']:.0f}%/"
-        f"{record['other_load_cpu1_pct']:.0f}%{gc_text(record.get('generator_gc'))}",
+        f"{record['other_load_cpu1_pct']:.0f}%{gc_text(record.get('generator_gc'))}, "
+        f"calls over {TARGET_P99_MS:g} ms: {slow_calls_text(record)}",
         flush=True,
     )
+
+
+def slow_calls_text(summary: dict) -> str:
+    """How many calls were slower than the target, and how many of those came in bursts (see
+    SLOW_BURST_GAP_MS), for the report."""
+    if summary.get("slow_calls") is None:
+        return "–"
+    slow, in_bursts, bursts = summary["slow_calls"], summary["slow_calls_in_bursts"], summary["slow_bursts"]
+    return f"{slow:,} ({in_bursts:,} of them in {bursts:,} bursts)"
 
 
 def gc_text(gc: dict | None) -> str:
@@ -494,23 +534,29 @@ class Plan:
     closed: bool
 
 
-def mqtt_devices(label: str, port: int, settings: Settings) -> LineProcess:
-    config = dict(
-        url=f"mqtt://127.0.0.1:{port}",
-        keepalive=60,
-        hard_timeout_s=3600,
-        connect_concurrency=50,
-        devices=[
-            {
-                "client_id": device_id(i),
-                "command_topic": f"/{HUB_ID}/{device_id(i)}/cmd",
-                "reply_topic": f"/{HUB_ID}/{device_id(i)}/cmd_reply",
-            }
-            for i in range(settings.devices)
-        ],
-    )
-    name = f"{label}-devices"
-    return LineProcess(name, ["node", str(DEVICES_MJS), json_config(name, config)], GENERATOR_CPU)
+def mqtt_devices(label: str, port: int, settings: Settings) -> list[LineProcess]:
+    """The MQTT.js devices, spread over `mqtt_device_procs` Node processes (one by default: four,
+    so that a garbage-collection pause stops only a quarter of them, changed nothing measurable;
+    docs/benchmarks.md)."""
+    procs = []
+    for part, (first, count) in enumerate(broker_bench.split(settings.devices, settings.mqtt_device_procs)):
+        config = dict(
+            url=f"mqtt://127.0.0.1:{port}",
+            keepalive=60,
+            hard_timeout_s=3600,
+            connect_concurrency=50,
+            devices=[
+                {
+                    "client_id": device_id(i),
+                    "command_topic": f"/{HUB_ID}/{device_id(i)}/cmd",
+                    "reply_topic": f"/{HUB_ID}/{device_id(i)}/cmd_reply",
+                }
+                for i in range(first, first + count)
+            ],
+        )
+        name = f"{label}-devices-{part}"
+        procs.append(LineProcess(name, ["node", str(DEVICES_MJS), json_config(name, config)], GENERATOR_CPU))
+    return procs
 
 
 def xmpp_devices(label: str, prosody: Prosody, settings: Settings) -> list[LineProcess]:
@@ -549,7 +595,7 @@ def run_contender(
             base_url = f"http://127.0.0.1:{server.http_port}"
             pid_labels = {server.pid: "mosquitto", server.relay.proc.pid: server.kind}
             record["setup_s"] = 0.0
-            device_procs = [mqtt_devices(label, server.port, settings)]
+            device_procs = mqtt_devices(label, server.port, settings)
         else:
             extra = ""
             prosody = None
@@ -571,7 +617,7 @@ def run_contender(
             if prosody:
                 device_procs = xmpp_devices(label, prosody, settings)
             else:
-                device_procs = [mqtt_devices(label, server.port, settings)]
+                device_procs = mqtt_devices(label, server.port, settings)
             base_url = f"http://127.0.0.1:{server.http_port}"
             pid_labels = {server.pid: "polyhub"}
             if prosody:
@@ -655,6 +701,9 @@ def summarize_rate(record: dict | None, rate: int) -> dict | None:
     summary["worst_p99_ms"] = max((p["p99_ms"] for p in phases if p["p99_ms"] is not None), default=None)
     for key in ("not_acknowledged", "http_errors", "transport_errors", "calls"):
         summary[key] = sum(p[key] for p in phases)
+    for key in ("slow_calls", "slow_calls_in_bursts", "slow_bursts"):
+        counts = [p.get(key) for p in phases]
+        summary[key] = sum(counts) if None not in counts else None
     summary["runs"] = len(phases)
     summary["server_cpu_pct_by_process"] = {
         name: median([p["server_cpu_pct_by_process"][name] for p in phases])
@@ -802,6 +851,8 @@ def render_markdown(report: dict) -> str:
             ("**p99**", lambda c: fmt_ms(c["p99_ms"])),
             ("p99.9", lambda c: fmt_ms(c["p999_ms"])),
             ("max", lambda c: fmt_ms(c["max_ms"])),
+            (f"calls over {TARGET_P99_MS:g} ms, all runs (in bursts of 3+)",
+             lambda c: slow_calls_text(c)),
             ("not acknowledged in time / HTTP errors / transport errors",
              lambda c: f"{c['not_acknowledged']} / {c['http_errors']} / {c['transport_errors']}"),
             ("commands per server CPU-second", lambda c: fmt(c["commands_per_server_cpu_s"])),
@@ -842,6 +893,8 @@ METHOD = [
     "- **polyhub-xmpp**: Prosody (Debian package, loopback, no TLS) on CPU 1 next to polyhub, which logs in as `hub@localhost` (`[polyglot.xmpp]`); accounts are written to Prosody's data folder before it starts. Devices have protocol `xmpp`; polyhub subscribes to their presence, the run starts once `GET /hubs/bench/presence` shows all online. A command is a chat message with a receipt request; the device sends the XEP-0184 receipt, then the reply.",
     "- **Devices** (CPU 0): MQTT: bench/command_devices.mjs, one MQTT.js client per device (client id = device id, persistent session, QoS 1 subscription to its command topic), answering each command at once with `{\"id\", \"status\": \"ok\", \"result\"}` at QoS 1 on `/bench/{device}/cmd_reply`. XMPP: bench/command_xmpp_devices.py, slixmpp clients spread over several processes.",
     "- **Load** (CPU 0): bench/command_load.mjs, node:http with a keep-alive Agent. Open loop: call k is made at t0 + k/rate whatever the earlier calls are doing (node timers, 1 ms granularity: the generator's lag behind the schedule is reported); closed loop: N callers, each calling again as soon as its previous call answered. Each call is `POST /devices/{id}/commands` `{\"name\": \"set\", \"payload\": {\"n\": k}, \"wait_ms\"}`; it counts as acknowledged when the answer is 201 with `state` `acknowledged`; latency is measured from the call to the end of the answer. Calls due during the warm-up are not measured.",
+    "- **Before each run** the driver writes back the machine's dirty page cache (`sync`; the amount waiting is kept in the JSON as `unwritten_kb_before`): polyhub syncs every commit, and a writeback of other files queued on the same disk delayed those syncs by tens of milliseconds (a p99 of 85 ms in one run that followed a 240 MB file write).",
+    "- **Calls over 5 ms** are counted per run, with how many came in *bursts* (three or more slow calls, each started within 3 ms of the previous one): a stall of the server or of the machine slows every call in flight at once, a slow command path slows calls one by one. `--calls-dir DIR` writes every call ([start µs, latency µs]) for a closer look.",
     "- **CPU**: utime+stime of the server processes from /proc/PID/stat over the measured window (plus the drain of calls still open); *commands per server CPU-second* = acknowledged commands ÷ that. *Other load* is each CPU's busy time minus what the measured processes used (on CPU 0 that includes the device simulators).",
     "- Pinning as in bench/run.py (servers CPU 1, everything else CPU 0, nice -20 where allowed); each contender runs under `flock /tmp/bench.lock` so that no other benchmark overlaps it.",
 ]
@@ -862,6 +915,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wait-ms", type=int, default=5_000)
     parser.add_argument("--max-sockets", type=int, default=256, help="open-loop keep-alive connections at most")
     parser.add_argument("--xmpp-procs", type=int, default=4, help="slixmpp device processes")
+    parser.add_argument(
+        "--calls-dir",
+        help="write every acknowledged call of each run ([start µs, latency µs]) to DIR/<run>.calls.json",
+    )
+    parser.add_argument(
+        "--mqtt-device-procs", type=int, default=1, help="MQTT.js device processes (the devices are split among them)"
+    )
     parser.add_argument("--no-closed", action="store_true", help="skip the closed-loop runs")
     parser.add_argument(
         "--interleave",
@@ -962,8 +1022,12 @@ def main(argv: list[str]) -> int:
         concurrency=args.concurrency,
         max_sockets=args.max_sockets,
         xmpp_procs=args.xmpp_procs,
+        mqtt_device_procs=args.mqtt_device_procs,
         repetitions=args.repetitions if args.repetitions is not None else (1 if args.quick else 3),
+        calls_dir=str(Path(args.calls_dir).resolve()) if args.calls_dir else None,
     )
+    if settings.calls_dir:
+        Path(settings.calls_dir).mkdir(parents=True, exist_ok=True)
     mqtt_version = ensure_node_modules()
     polyhub_bin = args.polyhub_bin
     if polyhub_bin is None and any(c.startswith("polyhub") for c in contenders):
