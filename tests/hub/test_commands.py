@@ -247,7 +247,7 @@ def test_a_restart_loses_no_command_and_resends_no_acknowledged_one(polyhub, api
         device.close()
 
 
-def test_an_mqtt5_device_replies_by_correlation_data(polyhub, api):
+def test_an_mqtt5_device_replies_to_the_response_topic_by_correlation_data(polyhub, api):
     api.add_group("g")
     api.add_hub("h", "g")
     api.add_device("d5", "h")
@@ -259,11 +259,13 @@ def test_an_mqtt5_device_replies_by_correlation_data(polyhub, api):
         message = device.wait_message(lambda m: m.topic == "/h/d5/cmd", "the command")
         assert json.loads(message.payload) == {"id": command["id"], "name": "calibrate", "payload": [1, 2]}
         assert message.properties.CorrelationData == command["id"].encode()
-        # A reply without "id": the correlation data says which command it answers.
+        assert message.properties.ResponseTopic == "/h/d5/cmd_reply"
+        # MQTT 5 request/response: a reply without "id" on the response topic; the correlation
+        # data says which command it answers.
         properties = Properties(PacketTypes.PUBLISH)
-        properties.CorrelationData = command["id"].encode()
-        device.publish("/h/d5/cmd_reply", json.dumps({"status": "ok", "result": "calibrated"}),
-                       properties=properties)
+        properties.CorrelationData = message.properties.CorrelationData
+        device.publish(message.properties.ResponseTopic,
+                       json.dumps({"status": "ok", "result": "calibrated"}), properties=properties)
         acknowledged = command_in_state(api, command["id"], "acknowledged")
         assert acknowledged["reply"] == "calibrated"
         # Malformed replies are ignored: the next command is unaffected by them.

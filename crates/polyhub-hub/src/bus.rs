@@ -47,6 +47,8 @@ pub struct Outgoing {
     pub retain: bool,
     /// MQTT 5 correlation data to echo back on replies.
     pub correlation_data: Option<Bytes>,
+    /// MQTT 5 response topic: where the receiver is asked to answer.
+    pub response_topic: Option<String>,
 }
 
 /// Why a bus operation failed.

@@ -620,6 +620,7 @@ impl ManagerCore {
             qos: 1,
             retain: false,
             correlation_data: None,
+            response_topic: None,
         }];
         if let Some(response_topic) = message.response_topic.filter(|topic| !topic.is_empty()) {
             replies.push(Outgoing {
@@ -628,6 +629,7 @@ impl ManagerCore {
                 qos: 1,
                 retain: false,
                 correlation_data: message.correlation_data,
+                response_topic: None,
             });
         }
         for outgoing in replies {

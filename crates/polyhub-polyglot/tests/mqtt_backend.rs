@@ -340,7 +340,7 @@ async fn subscribes_the_reply_echo_and_presence_channels() {
 }
 
 #[tokio::test]
-async fn hub_style_command_is_json_with_the_command_id_as_correlation_data() {
+async fn hub_style_command_is_json_with_its_id_and_reply_channel_as_mqtt5_properties() {
     let world = world().await;
     let outcome = world
         .send("d1", "cmd-1", "reboot", serde_json::json!({"delay": 5}))
@@ -354,6 +354,7 @@ async fn hub_style_command_is_json_with_the_command_id_as_correlation_data() {
     assert_eq!(message.qos, 1);
     assert!(!message.retain);
     assert_eq!(message.correlation_data, Some(Bytes::from_static(b"cmd-1")));
+    assert_eq!(message.response_topic.as_deref(), Some("/h1/d1/cmd_reply"));
     let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(
         body,

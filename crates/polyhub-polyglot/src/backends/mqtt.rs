@@ -8,9 +8,10 @@
 //!
 //! Wire formats (see `docs/` and the issue 5 contract):
 //! - hub-style devices (hub `settings.channels = "hub"`): JSON `{"id", "name", "payload"}` at
-//!   QoS 1 on the `command` template, correlation data = the command id. The device answers
-//!   `{"id", "status": "ok"|"error", "result"?, "reason"?}` on the `command_reply` template
-//!   (a reply without `id` is matched by its MQTT 5 correlation data).
+//!   QoS 1 on the `command` template, correlation data = the command id, response topic = the
+//!   device's `command_reply` channel. The device answers `{"id", "status": "ok"|"error",
+//!   "result"?, "reason"?}` there (a reply without `id` is matched by its MQTT 5 correlation
+//!   data).
 //! - sgframework resources: the payload as text at QoS 1 on `command/<device>/<name>`; the
 //!   resource's echo on `data/<device>/<name>` acknowledges it. Only `data` messages for a
 //!   (device, name) this client sent a command to and has not seen the echo of are taken as
@@ -330,6 +331,11 @@ impl MqttBackend {
                         qos: 1,
                         retain: false,
                         correlation_data: Some(Bytes::from(command.id.clone().into_bytes())),
+                        response_topic: Some(
+                            self.shared
+                                .channels
+                                .command_reply_topic(&device.hub_id, &device.id),
+                        ),
                     },
                     echo: None,
                 })
@@ -350,6 +356,7 @@ impl MqttBackend {
                         qos: 1,
                         retain: false,
                         correlation_data: None,
+                        response_topic: None,
                     },
                     echo: Some((device.id.clone(), command.name.clone())),
                 })

@@ -327,6 +327,7 @@ impl BusClient for LocalBusClient {
         };
         let properties = MessageProperties {
             correlation_data: message.correlation_data,
+            response_topic: message.response_topic,
             ..MessageProperties::default()
         };
         client
@@ -506,7 +507,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn publish_carries_retain_and_correlation_data() {
+    async fn publish_carries_retain_correlation_data_and_response_topic() {
         let broker = broker();
         let bus = LocalBus::new(broker.clone());
         let mut device = bus.connect("device", false).await.unwrap();
@@ -517,10 +518,11 @@ mod tests {
                 qos: 1,
                 retain: true,
                 correlation_data: Some(Bytes::from_static(b"\x01\x02")),
+                response_topic: Some("reply/x/answers".into()),
             })
             .await
             .unwrap();
-        // The retained message reaches a later subscriber, correlation data included.
+        // The retained message reaches a later subscriber, its MQTT 5 properties included.
         let mut watcher = bus.connect("watcher", false).await.unwrap();
         watcher.subscribe(&filters(&["reply/#"])).await.unwrap();
         let message = next(&mut watcher).await;
@@ -528,6 +530,7 @@ mod tests {
             message.correlation_data,
             Some(Bytes::from_static(b"\x01\x02"))
         );
+        assert_eq!(message.response_topic.as_deref(), Some("reply/x/answers"));
         assert!(message.seq.is_some());
         broker.shutdown().await;
     }

@@ -410,6 +410,9 @@ impl BusClient for MqttBusClient {
         if let Some(correlation_data) = message.correlation_data {
             outgoing = outgoing.correlation_data(correlation_data);
         }
+        if let Some(response_topic) = message.response_topic {
+            outgoing = outgoing.response_topic(response_topic);
+        }
         self.client
             .publish_message(outgoing)
             .await
@@ -594,11 +597,13 @@ mod tests {
                 qos: 1,
                 retain: false,
                 correlation_data: request.correlation_data,
+                response_topic: Some("answers/again".into()),
             })
             .await
             .unwrap();
         let answer = next(&mut listener).await;
         assert_eq!(answer.correlation_data, Some(Bytes::from_static(b"42")));
+        assert_eq!(answer.response_topic.as_deref(), Some("answers/again"));
         broker.shutdown().await;
     }
 

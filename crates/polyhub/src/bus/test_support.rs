@@ -33,5 +33,6 @@ pub(super) fn outgoing(topic: &str, payload: &'static str, qos: u8) -> Outgoing 
         qos,
         retain: false,
         correlation_data: None,
+        response_topic: None,
     }
 }
