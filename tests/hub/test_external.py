@@ -23,6 +23,8 @@ from typing import Optional
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 import hub_harness
 from hub_harness import HOST, WAIT, command_in_state, mosquitto_pub, wait_until
@@ -165,20 +167,27 @@ class Device:
     connected it subscribes its command topic and only then publishes a retained `online`.
     Commands are recorded (decoded) in arrival order."""
 
-    def __init__(self, port: int, hub: str, device: str, announce: bool = True):
+    def __init__(self, port: int, hub: str, device: str, announce: bool = True, protocol=mqtt.MQTTv311):
         self.hub, self.device = hub, device
         self.presence_topic = f"/{hub}/{device}/presence"
         self.commands: list[dict] = []
+        self.messages: list[mqtt.MQTTMessage] = []
         self._lock = threading.Condition()
         self._ready = threading.Event()
         self.announce = announce
         self._announced: Optional[mqtt.MQTTMessageInfo] = None
-        self.client = mqtt.Client(client_id=device, protocol=mqtt.MQTTv311, clean_session=False)
+        if protocol == mqtt.MQTTv5:
+            self.client = mqtt.Client(client_id=device, protocol=protocol)
+        else:
+            self.client = mqtt.Client(client_id=device, protocol=protocol, clean_session=False)
         self.client.will_set(self.presence_topic, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        self.client.connect(HOST, port, keepalive=30)
+        if protocol == mqtt.MQTTv5:
+            self.client.connect(HOST, port, keepalive=30, clean_start=False)
+        else:
+            self.client.connect(HOST, port, keepalive=30)
         self.client.loop_start()
         assert self._ready.wait(WAIT), f"device {device} did not connect and subscribe"
         if announce:
@@ -198,6 +207,7 @@ class Device:
     def _on_message(self, _client, _userdata, message):
         with self._lock:
             self.commands.append(json.loads(message.payload))
+            self.messages.append(message)
             self._lock.notify_all()
 
     def wait_commands(self, count: int) -> list[dict]:
@@ -390,6 +400,25 @@ def test_a_command_waits_while_the_device_is_offline_and_is_acknowledged_by_its_
     waiting = api.post("/devices/c1/commands", {"name": "led", "payload": "off"})
     time.sleep(SETTLE)
     assert api.get(f"/commands/{waiting['id']}")["state"] == "queued"
+
+
+def test_an_mqtt5_device_answers_on_the_response_topic_through_mosquitto(polyhub, api, mosquitto, devices):
+    setup(api, "h6", "v5")
+    device = devices("h6", "v5", protocol=mqtt.MQTTv5)
+    wait_until(lambda: presence(api, "v5")["online"] is True, "v5 online")
+    submitted = api.post("/devices/v5/commands", {"name": "led", "payload": "on"})
+    device.wait_commands(1)
+    request = device.messages[0]
+    assert request.properties.ResponseTopic == "/h6/v5/cmd_reply"
+    assert request.properties.CorrelationData == submitted["id"].encode()
+    # MQTT 5 request/response: no "id" in the answer, the correlation data copied.
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.CorrelationData = request.properties.CorrelationData
+    info = device.client.publish(request.properties.ResponseTopic, json.dumps({"status": "ok", "result": "lit"}),
+                                 qos=1, properties=properties)
+    info.wait_for_publish(WAIT)
+    done = command_in_state(api, submitted["id"], "acknowledged")
+    assert done["reply"] == "lit"
 
 
 def test_a_process_isolated_hub_ingests_from_mosquitto(polyhub, api, mosquitto, devices):
