@@ -845,8 +845,7 @@ impl Recorder {
         }
         let mut steps = self.held.remove(&id).unwrap_or_default();
         steps.push(record);
-        self.queued.insert(id, VecDeque::new());
-        self.start(steps);
+        self.begin(id, steps);
     }
 
     /// Writes the held steps of every hold that has ended.
@@ -865,9 +864,14 @@ impl Recorder {
     /// Writes command `id`'s held steps, if it has any.
     fn release(&mut self, id: &str) {
         if let Some(steps) = self.held.remove(id) {
-            self.queued.insert(id.to_owned(), VecDeque::new());
-            self.start(steps);
+            self.begin(id.to_owned(), steps);
         }
+    }
+
+    /// Starts the first write of command `id` (none of its writes is under way).
+    fn begin(&mut self, id: String, steps: Vec<Record>) {
+        self.queued.insert(id, VecDeque::new());
+        self.start(steps);
     }
 
     /// Starts the write of one command's `steps` (one or more records, in order).
@@ -878,13 +882,8 @@ impl Recorder {
         let store = self.store.clone();
         let id = first.change.id.clone();
         let task = self.running.spawn(async move {
-            let mut changes: Vec<CommandTransition> =
-                steps.iter().map(|record| record.change.clone()).collect();
-            let result = if changes.len() == 1 {
-                store.transition_command(changes.remove(0)).await
-            } else {
-                store.transition_command_steps(changes).await
-            };
+            let changes = steps.iter().map(|record| record.change.clone()).collect();
+            let result = store.transition_command_steps(changes).await;
             let stored = match &result {
                 Err(StoreError::Conflict(_)) => store.get_command(&steps[0].change.id).await.ok(),
                 _ => None,

@@ -967,11 +967,7 @@ impl Store for SqliteStore {
     }
 
     async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
-        validate_id("command", &change.id)?;
-        self.write_with(step_durability(change.to), move |tx| {
-            commands::transition_command(tx, &change)
-        })
-        .await
+        self.transition_command_steps(vec![change]).await
     }
 
     async fn transition_command_steps(
