@@ -421,6 +421,28 @@ def test_an_mqtt5_device_answers_on_the_response_topic_through_mosquitto(polyhub
     assert done["reply"] == "lit"
 
 
+def test_a_command_that_reached_no_subscriber_stays_queued_until_the_device_subscribes(
+        polyhub, api, mosquitto, devices):
+    setup(api, "h7", "late")
+    # Online as far as polyhub can tell (a retained `online` outlives the device's connection),
+    # but nobody is subscribed to its command topic.
+    mosquitto_pub_retained(mosquitto.port, "/h7/late/presence", "online")
+    online(api, "late")
+    submitted = api.post("/devices/late/commands", {"name": "led", "payload": "on"})
+    time.sleep(SETTLE)
+    # Mosquitto's MQTT 5 PUBACK said "no matching subscribers": the command reached nobody,
+    # so it is neither sent nor delivered.
+    assert api.get(f"/commands/{submitted['id']}")["state"] == "queued"
+
+    device = devices("h7", "late")
+    command = device.wait_commands(1)[0]
+    assert command == {"id": submitted["id"], "name": "led", "payload": "on"}
+    device.reply(submitted["id"], result="lit")
+    done = command_in_state(api, submitted["id"], "acknowledged")
+    assert done["reply"] == "lit"
+    assert done["attempts"] == 1, "only the send that reached the device counts"
+
+
 def test_a_process_isolated_hub_ingests_from_mosquitto(polyhub, api, mosquitto, devices):
     setup(api, "h5", "q1", isolation="process")
     status = api.parser("h5")

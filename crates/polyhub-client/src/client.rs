@@ -59,14 +59,14 @@ impl Client {
         qos: QoS,
         retain: bool,
         payload: impl Into<Bytes>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Published, ClientError> {
         self.publish_message(Message::new(topic, payload).qos(qos).retain(retain))
             .await
     }
 
     /// Publish a [`Message`] (with MQTT 5 properties, if any) and wait until it is done, as
     /// [`publish`](Client::publish) does.
-    pub async fn publish_message(&self, message: Message) -> Result<(), ClientError> {
+    pub async fn publish_message(&self, message: Message) -> Result<Published, ClientError> {
         self.begin_publish(message).await?.await
     }
 
@@ -389,20 +389,55 @@ impl Message {
     }
 }
 
+/// What the broker answered to a publish it took.
+///
+/// MQTT 5 brokers say in the PUBACK (QoS 1) or PUBREC (QoS 2) whether any subscription
+/// matched: a message that matched none reached nobody, which a sender of commands needs to
+/// know (Mosquitto answers so, and so does polyhub's broker). MQTT 3.1/3.1.1 acknowledgements
+/// carry no such code, and QoS 0 has no acknowledgement at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    reason_code: Option<ReasonCode>,
+}
+
+impl Published {
+    /// A QoS 0 publish, written out with no acknowledgement to come.
+    pub(crate) const UNACKNOWLEDGED: Published = Published { reason_code: None };
+
+    /// Acknowledged with `reason_code` (always success before MQTT 5).
+    pub(crate) fn acknowledged(reason_code: ReasonCode) -> Published {
+        Published {
+            reason_code: Some(reason_code),
+        }
+    }
+
+    /// The reason code of the broker's acknowledgement; `None` for QoS 0.
+    pub fn reason_code(&self) -> Option<ReasonCode> {
+        self.reason_code
+    }
+
+    /// Whether the broker said that no subscription matched (MQTT 5 reason code 0x10): the
+    /// message was accepted and reached nobody. `false` when the broker did not say (QoS 0,
+    /// MQTT 3.1/3.1.1).
+    pub fn no_matching_subscribers(&self) -> bool {
+        self.reason_code == Some(ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    }
+}
+
 /// The outcome of a publish handed over with [`Client::begin_publish`]: resolves when the
 /// broker acknowledges it (QoS 1/2), at once for QoS 0.
 #[derive(Debug)]
 #[must_use = "dropping the acknowledgement does not cancel the publish, but loses its outcome"]
 pub struct PublishAck {
-    outcome: Option<oneshot::Receiver<Result<(), ClientError>>>,
+    outcome: Option<oneshot::Receiver<Result<Published, ClientError>>>,
 }
 
 impl Future for PublishAck {
-    type Output = Result<(), ClientError>;
+    type Output = Result<Published, ClientError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().outcome {
-            None => Poll::Ready(Ok(())),
+            None => Poll::Ready(Ok(Published::UNACKNOWLEDGED)),
             Some(outcome) => Pin::new(outcome)
                 .poll(cx)
                 .map(|received| received.unwrap_or(Err(ClientError::Closed))),

@@ -27,8 +27,8 @@
 //!
 //! # Layout
 //! - [`options`]: [`ClientOptions`], the builder for everything set before connecting.
-//! - `client`: [`Client`] (the handle), [`Message`] (an outgoing publish), [`PublishAck`],
-//!   [`Events`] (the event stream of a spawned client), [`AckToken`] (manual
+//! - `client`: [`Client`] (the handle), [`Message`] (an outgoing publish), [`PublishAck`] and
+//!   [`Published`] (its outcome), [`Events`] (the event stream of a spawned client), [`AckToken`] (manual
 //!   acknowledgements, [`ClientOptions::manual_acks`]).
 //! - `eventloop`: [`EventLoop`], the only code touching the socket: connecting, backoff,
 //!   keep-alive, write coalescing; [`Event`] and [`DisconnectReason`].
@@ -47,7 +47,7 @@ pub mod options;
 mod state;
 pub mod tls;
 
-pub use client::{AckToken, Client, Events, Message, PublishAck};
+pub use client::{AckToken, Client, Events, Message, PublishAck, Published};
 pub use error::{ClientError, ConnectionError, StateError, TlsError};
 pub use eventloop::{DisconnectReason, Event, EventLoop};
 pub use options::ClientOptions;

@@ -40,7 +40,7 @@ use polyhub_mqtt::{
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use crate::client::AckToken;
+use crate::client::{AckToken, Published};
 use crate::error::{ClientError, StateError};
 use crate::eventloop::Event;
 
@@ -56,7 +56,7 @@ pub(crate) enum Request {
     /// Publish; the waiter (absent for fire-and-forget QoS 0) learns the outcome.
     Publish {
         publish: Publish,
-        waiter: Option<Waiter<()>>,
+        waiter: Option<Waiter<Published>>,
     },
     /// Subscribe; the waiter gets one SUBACK code per filter.
     Subscribe {
@@ -139,7 +139,7 @@ struct OutgoingPublish {
     /// Order of creation, so that a reconnect resends in the original order.
     seq: u64,
     stage: PublishStage,
-    waiter: Option<Waiter<()>>,
+    waiter: Option<Waiter<Published>>,
     /// Sent on the current connection, so it occupies a slot of the send window.
     in_window: bool,
 }
@@ -149,8 +149,9 @@ enum PublishStage {
     /// Waiting for PUBACK (QoS 1) or PUBREC (QoS 2); the PUBLISH is kept for resending,
     /// boxed because a `Packet` is large and most entries soon move on.
     AwaitingAck { qos: QoS, packet: Box<Packet> },
-    /// QoS 2 after PUBREC: PUBREL sent, waiting for PUBCOMP. The payload is no longer needed.
-    AwaitingComp,
+    /// QoS 2 after PUBREC: PUBREL sent, waiting for PUBCOMP. The payload is no longer needed;
+    /// what the PUBREC said about routing is kept for the outcome.
+    AwaitingComp { received: Published },
 }
 
 #[derive(Debug)]
@@ -175,7 +176,7 @@ impl Outgoing {
 #[derive(Debug)]
 struct PendingPublish {
     publish: Publish,
-    waiter: Option<Waiter<()>>,
+    waiter: Option<Waiter<Published>>,
 }
 
 /// A subscribe or unsubscribe made while offline.
@@ -487,7 +488,7 @@ impl MqttState {
 
     // --- outgoing publishes -------------------------------------------------------------
 
-    fn publish(&mut self, publish: Publish, waiter: Option<Waiter<()>>, out: &mut BytesMut) {
+    fn publish(&mut self, publish: Publish, waiter: Option<Waiter<Published>>, out: &mut BytesMut) {
         if !self.connected {
             if self.pending.len() >= self.config.pending_limit {
                 if waiter.is_none() {
@@ -513,7 +514,7 @@ impl MqttState {
         }
         if publish.qos == QoS::AtMostOnce {
             let result = self.encode_checked(&Packet::Publish(publish), out);
-            respond(waiter, result);
+            respond(waiter, result.map(|()| Published::UNACKNOWLEDGED));
         } else if self.pending.is_empty() && self.window_open() {
             self.send_new_publish(publish, waiter, out);
         } else {
@@ -548,7 +549,7 @@ impl MqttState {
     fn send_new_publish(
         &mut self,
         mut publish: Publish,
-        waiter: Option<Waiter<()>>,
+        waiter: Option<Waiter<Published>>,
         out: &mut BytesMut,
     ) {
         let Some(packet_id) = self.allocate_packet_id() else {
@@ -602,7 +603,7 @@ impl MqttState {
                 respond(waiter, Err(error));
             } else if publish.qos == QoS::AtMostOnce {
                 let result = self.encode_checked(&Packet::Publish(publish), out);
-                respond(waiter, result);
+                respond(waiter, result.map(|()| Published::UNACKNOWLEDGED));
             } else {
                 self.send_new_publish(publish, waiter, out);
             }
@@ -650,7 +651,7 @@ impl MqttState {
                     publish.in_window = false;
                     self.resend.push_back(packet_id);
                 }
-                PublishStage::AwaitingComp if session_present => {
+                PublishStage::AwaitingComp { .. } if session_present => {
                     publish.in_window = true;
                     self.in_window += 1;
                     write_response(
@@ -662,9 +663,9 @@ impl MqttState {
                 }
                 // The broker took the message with PUBREC and then lost the session: nothing
                 // is left to complete, and the message is not ours to deliver any more.
-                PublishStage::AwaitingComp => {
+                PublishStage::AwaitingComp { received } => {
                     if let Some(Outgoing::Publish(publish)) = self.outgoing.remove(&packet_id) {
-                        respond(publish.waiter, Ok(()));
+                        respond(publish.waiter, Ok(received));
                     }
                 }
             },
@@ -721,7 +722,9 @@ impl MqttState {
                         self.fill_window(out);
                         return Ok(());
                     }
-                    entry.stage = PublishStage::AwaitingComp;
+                    entry.stage = PublishStage::AwaitingComp {
+                        received: Published::acknowledged(rec.reason_code),
+                    };
                     write_response(
                         out,
                         Packet::PubRel,
@@ -730,7 +733,7 @@ impl MqttState {
                     );
                 }
                 // A repeated PUBREC: our PUBREL may have been lost.
-                PublishStage::AwaitingComp => write_response(
+                PublishStage::AwaitingComp { .. } => write_response(
                     out,
                     Packet::PubRel,
                     PubResponse::success(rec.packet_id),
@@ -763,7 +766,7 @@ impl MqttState {
         let awaited = matches!(
             self.outgoing.get(&comp.packet_id),
             Some(Outgoing::Publish(OutgoingPublish {
-                stage: PublishStage::AwaitingComp,
+                stage: PublishStage::AwaitingComp { .. },
                 ..
             }))
         );
@@ -776,7 +779,11 @@ impl MqttState {
         }
         if let Some(Outgoing::Publish(entry)) = self.outgoing.remove(&comp.packet_id) {
             self.leave_window(entry.in_window);
-            respond(entry.waiter, Ok(()));
+            let received = match entry.stage {
+                PublishStage::AwaitingComp { received } => received,
+                PublishStage::AwaitingAck { .. } => Published::acknowledged(ReasonCode::SUCCESS),
+            };
+            respond(entry.waiter, Ok(received));
         }
         self.fill_window(out);
     }
@@ -1141,14 +1148,14 @@ fn respond<T>(waiter: Option<Waiter<T>>, result: Result<T, ClientError>) {
 }
 
 /// The outcome of a PUBACK or PUBREC: MQTT 5 failure codes refuse the publish.
-fn ack_result(ack: PubResponse) -> Result<(), ClientError> {
+fn ack_result(ack: PubResponse) -> Result<Published, ClientError> {
     if ack.reason_code.is_error() {
         Err(ClientError::PublishRefused {
             reason_code: ack.reason_code,
             reason_string: ack.properties.reason_string,
         })
     } else {
-        Ok(())
+        Ok(Published::acknowledged(ack.reason_code))
     }
 }
 

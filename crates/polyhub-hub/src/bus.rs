@@ -51,6 +51,19 @@ pub struct Outgoing {
     pub response_topic: Option<String>,
 }
 
+/// What the broker said it did with a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// At least one subscription matched (an offline persistent session counts: the broker
+    /// keeps the message for it).
+    Matched,
+    /// No subscription matched: the broker took the message and it reached nobody (MQTT 5
+    /// PUBACK/PUBREC reason code 0x10).
+    NoSubscribers,
+    /// The broker did not say: QoS 0, or a broker that does not report it (MQTT 3.1.1).
+    Unknown,
+}
+
 /// Why a bus operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -75,7 +88,9 @@ pub trait BusClient: Send + std::fmt::Debug {
     async fn recv(&mut self) -> Result<Option<BusMessage>, BusError>;
     /// Acknowledges received QoS 1 messages (tokens of QoS 0 messages are ignored).
     async fn ack(&mut self, tokens: &[AckToken]) -> Result<(), BusError>;
-    async fn publish(&mut self, message: Outgoing) -> Result<(), BusError>;
+    /// Returns once the broker has taken the message (acknowledged it, for QoS 1/2), with what
+    /// it said about who it reached.
+    async fn publish(&mut self, message: Outgoing) -> Result<Routing, BusError>;
 }
 
 /// Makes [`BusClient`]s.

@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use polyhub_hub::ChannelTemplates;
-use polyhub_hub::bus::{AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing};
+use polyhub_hub::bus::{
+    AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing, Routing,
+};
 use polyhub_polyglot::backend::{BackendClient, BackendError, BackendEvent, SendOutcome};
 use polyhub_polyglot::backends::mqtt::{
     MqttBackend, MqttBackendOptions, MqttClientFactory, PresenceTable,
@@ -38,6 +40,9 @@ struct BusState {
     next_token: u64,
     refuse_publishes: bool,
     refuse_connects: bool,
+    /// Publishes reach nobody, and the broker says so (as an external MQTT 5 broker does for
+    /// a device that is connected but has not subscribed yet).
+    no_subscribers: bool,
 }
 
 /// A broker in memory: one client at a time.
@@ -149,7 +154,7 @@ impl BusClient for FakeClient {
         Ok(())
     }
 
-    async fn publish(&mut self, message: Outgoing) -> Result<(), BusError> {
+    async fn publish(&mut self, message: Outgoing) -> Result<Routing, BusError> {
         // Let other tasks run in between, as a real publish would.
         tokio::task::yield_now().await;
         let mut state = self.bus.state();
@@ -157,7 +162,11 @@ impl BusClient for FakeClient {
             return Err(BusError::Refused("not authorised".into()));
         }
         state.published.push(message);
-        Ok(())
+        Ok(if state.no_subscribers {
+            Routing::NoSubscribers
+        } else {
+            Routing::Matched
+        })
     }
 }
 
@@ -720,6 +729,52 @@ async fn a_refused_publish_is_rejected() {
         matches!(result, Err(BackendError::Rejected(_))),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn a_command_that_reached_no_subscriber_is_unavailable_and_expects_no_echo() {
+    let mut world = world().await;
+    world.bus.state().no_subscribers = true;
+    for (device, id) in [("d1", "cmd-1"), ("s1", "cmd-2")] {
+        let result = world
+            .backend
+            .send_command(
+                &world.device(device).await,
+                &command(device, id, "power", serde_json::json!("on")),
+            )
+            .await;
+        // Unavailable keeps the command queued in the service, to be sent again.
+        assert!(
+            matches!(&result, Err(BackendError::Unavailable(reason)) if reason.contains("no subscriber")),
+            "{device}: {result:?}"
+        );
+    }
+    assert_eq!(
+        world.bus.published().len(),
+        2,
+        "both were handed to the broker"
+    );
+    // The sgframework command went nowhere, so the device's next data is telemetry, not its
+    // echo.
+    world.bus.deliver("data/s1/power", b"on", None);
+    world
+        .bus
+        .deliver("/h1/d1/cmd_reply", br#"{"id":"end","status":"ok"}"#, None);
+    assert_eq!(
+        world.next_event().await,
+        reply("d1", Some("end"), None, true, None, None)
+    );
+
+    // Once someone is subscribed, the same command goes through.
+    world.bus.state().no_subscribers = false;
+    world
+        .backend
+        .send_command(
+            &world.device("d1").await,
+            &command("d1", "cmd-1", "power", serde_json::json!("on")),
+        )
+        .await
+        .expect("sent once the device subscribed");
 }
 
 #[tokio::test]

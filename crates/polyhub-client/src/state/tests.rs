@@ -9,7 +9,7 @@ use polyhub_mqtt::{
 use tokio::sync::oneshot;
 
 use super::{Incoming, MqttState, Request, StateConfig};
-use crate::client::AckToken;
+use crate::client::{AckToken, Published};
 use crate::error::{ClientError, StateError};
 use crate::eventloop::Event;
 
@@ -74,7 +74,7 @@ fn message(topic: &str, qos: QoS) -> Publish {
 }
 
 /// Hand a publish to the state; returns the outcome receiver.
-fn publish(state: &mut MqttState, out: &mut BytesMut, topic: &str, qos: QoS) -> Outcome<()> {
+fn publish(state: &mut MqttState, out: &mut BytesMut, topic: &str, qos: QoS) -> Outcome<Published> {
     let (waiter, outcome) = oneshot::channel();
     state.handle_request(
         Request::Publish {
@@ -217,7 +217,7 @@ fn qos0_publish_is_written_and_completes_at_once() {
     let mut state = online(V311);
     let mut out = BytesMut::new();
     let mut outcome = publish(&mut state, &mut out, "t", QoS::AtMostOnce);
-    assert_eq!(outcome.try_recv().unwrap(), Ok(()));
+    assert_eq!(outcome.try_recv().unwrap(), Ok(Published::UNACKNOWLEDGED));
     assert_eq!(
         published(&written(&mut out, V311)),
         [(0, false, "t".into())]
@@ -236,7 +236,10 @@ fn qos1_publish_completes_on_puback() {
         &mut out,
         Packet::PubAck(PubResponse::success(packet_id)),
     );
-    assert_eq!(outcome.try_recv().unwrap(), Ok(()));
+    assert_eq!(
+        outcome.try_recv().unwrap(),
+        Ok(Published::acknowledged(ReasonCode::SUCCESS))
+    );
     assert!(out.is_empty());
     assert!(state.outgoing.is_empty());
     assert_eq!(state.in_window, 0);
@@ -284,7 +287,10 @@ fn qos2_publish_goes_through_pubrec_pubrel_pubcomp() {
         &mut out,
         Packet::PubComp(PubResponse::success(packet_id)),
     );
-    assert_eq!(outcome.try_recv().unwrap(), Ok(()));
+    assert_eq!(
+        outcome.try_recv().unwrap(),
+        Ok(Published::acknowledged(ReasonCode::SUCCESS))
+    );
     assert!(out.is_empty());
     assert!(state.outgoing.is_empty());
     assert_eq!(state.in_window, 0);
@@ -327,13 +333,58 @@ fn v5_failure_codes_refuse_publishes() {
     ));
     assert!(state.outgoing.is_empty());
 
-    // "No matching subscribers" is a success.
+    // "No matching subscribers" is a success, and the outcome says so.
     let mut outcome = publish(&mut state, &mut out, "t", QoS::AtLeastOnce);
     let packet_id = single_publish_id(&mut out, V5);
     let mut ack = PubResponse::success(packet_id);
     ack.reason_code = ReasonCode::NO_MATCHING_SUBSCRIBERS;
     handle(&mut state, &mut out, Packet::PubAck(ack));
-    assert_eq!(outcome.try_recv().unwrap(), Ok(()));
+    let published = outcome.try_recv().unwrap().expect("a success");
+    assert!(published.no_matching_subscribers());
+    assert_eq!(
+        published.reason_code(),
+        Some(ReasonCode::NO_MATCHING_SUBSCRIBERS)
+    );
+
+    // For QoS 2 the PUBREC says it, and the outcome (at PUBCOMP) still does.
+    let mut outcome = publish(&mut state, &mut out, "t", QoS::ExactlyOnce);
+    let packet_id = single_publish_id(&mut out, V5);
+    let mut rec = PubResponse::success(packet_id);
+    rec.reason_code = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+    handle(&mut state, &mut out, Packet::PubRec(rec));
+    assert_eq!(
+        written(&mut out, V5),
+        [Packet::PubRel(PubResponse::success(packet_id))]
+    );
+    assert!(pending(&mut outcome));
+    handle(
+        &mut state,
+        &mut out,
+        Packet::PubComp(PubResponse::success(packet_id)),
+    );
+    assert!(
+        outcome
+            .try_recv()
+            .unwrap()
+            .expect("a success")
+            .no_matching_subscribers()
+    );
+
+    // A plain success matched someone.
+    let mut outcome = publish(&mut state, &mut out, "t", QoS::AtLeastOnce);
+    let packet_id = single_publish_id(&mut out, V5);
+    handle(
+        &mut state,
+        &mut out,
+        Packet::PubAck(PubResponse::success(packet_id)),
+    );
+    assert!(
+        !outcome
+            .try_recv()
+            .unwrap()
+            .expect("a success")
+            .no_matching_subscribers()
+    );
 }
 
 // --- incoming QoS 1 and 2 -----------------------------------------------------------------
@@ -470,7 +521,10 @@ fn acks_for_unknown_ids_are_ignored_or_answered() {
             &mut out,
             Packet::PubAck(PubResponse::success(packet_id)),
         );
-        assert_eq!(outcome.try_recv().unwrap(), Ok(()));
+        assert_eq!(
+            outcome.try_recv().unwrap(),
+            Ok(Published::acknowledged(ReasonCode::SUCCESS))
+        );
     }
 }
 
@@ -659,7 +713,7 @@ fn offline_publishes_wait_up_to_the_limit_and_go_out_in_order_on_connect() {
             .collect::<Vec<_>>(),
         [(false, "a"), (false, "b"), (false, "c")]
     );
-    assert_eq!(b.try_recv().unwrap(), Ok(()));
+    assert_eq!(b.try_recv().unwrap(), Ok(Published::UNACKNOWLEDGED));
 }
 
 #[test]
@@ -702,7 +756,10 @@ fn reconnect_resends_unacknowledged_publishes_with_dup_and_the_same_ids() {
     // Without the session the broker already owns the released message: it is complete.
     state.connection_lost();
     state.connected(&connack(false, Properties::default()), &mut out);
-    assert_eq!(released.try_recv().unwrap(), Ok(()));
+    assert_eq!(
+        released.try_recv().unwrap(),
+        Ok(Published::acknowledged(ReasonCode::SUCCESS))
+    );
     let resent = published(&written(&mut out, V311));
     assert_eq!(resent.len(), 2);
     assert!(resent.iter().all(|(_, dup, _)| *dup));

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use polyhub_hub::ChannelTemplates;
-use polyhub_hub::bus::{BusClient, BusConnector, BusError, BusMessage, Outgoing};
+use polyhub_hub::bus::{BusClient, BusConnector, BusError, BusMessage, Outgoing, Routing};
 use polyhub_hub::channels::{SgframeworkTopic, parse_presence_payload, parse_sgframework_topic};
 use polyhub_store::{ChannelStyle, Command, Device, Store, StoreError};
 use serde::Deserialize;
@@ -218,7 +218,7 @@ struct PublishRequest {
     message: Outgoing,
     /// For sgframework commands: the (device, name) whose next `data` message is the echo.
     echo: Option<(String, String)>,
-    done: oneshot::Sender<Result<(), BusError>>,
+    done: oneshot::Sender<Result<Routing, BusError>>,
 }
 
 /// The MQTT backend client (see the module documentation).
@@ -392,6 +392,7 @@ impl BackendClient for MqttBackend {
         command: &Command,
     ) -> Result<SendOutcome, BackendError> {
         let (done, answer) = oneshot::channel();
+        let topic;
         {
             let _order = self.send_order.lock().await;
             let route = self.route(device).await?;
@@ -408,6 +409,7 @@ impl BackendClient for MqttBackend {
                     device.id, parts.message.topic
                 )));
             }
+            topic = parts.message.topic.clone();
             let request = PublishRequest {
                 message: parts.message,
                 echo: parts.echo,
@@ -418,7 +420,17 @@ impl BackendClient for MqttBackend {
             })?;
         }
         match answer.await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Routing::Matched | Routing::Unknown)) => {}
+            // An external broker tells so where our own broker's subscription events did not
+            // reach us: the device is connected but has not subscribed (yet), and the command
+            // went nowhere. It stays queued and goes out again.
+            Ok(Ok(Routing::NoSubscribers)) => {
+                return Err(BackendError::Unavailable(format!(
+                    "the broker had no subscriber for {topic:?}: device {:?} has not \
+                     subscribed to its commands (yet)",
+                    device.id
+                )));
+            }
             Ok(Err(BusError::Refused(reason))) => {
                 return Err(BackendError::Rejected(format!(
                     "the broker refused the command: {reason}"
@@ -530,7 +542,9 @@ impl BusTask {
         };
         let result = client.publish(request.message).await;
         match &result {
-            Ok(()) => {
+            // Nobody will echo a command that reached nobody.
+            Ok(Routing::NoSubscribers) => {}
+            Ok(Routing::Matched | Routing::Unknown) => {
                 if let Some(key) = request.echo {
                     *self.pending_echoes.entry(key).or_insert(0) += 1;
                 }

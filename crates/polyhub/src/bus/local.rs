@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use polyhub_broker::{Broker, LocalClient, LocalMessage, MessageProperties, QoS};
-use polyhub_hub::bus::{AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing};
+use polyhub_hub::bus::{
+    AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing, Routing,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::broker_error;
@@ -318,7 +320,7 @@ impl BusClient for LocalBusClient {
         Ok(())
     }
 
-    async fn publish(&mut self, message: Outgoing) -> Result<(), BusError> {
+    async fn publish(&mut self, message: Outgoing) -> Result<Routing, BusError> {
         let qos = QoS::from_u8(message.qos)
             .ok_or_else(|| BusError::Refused(format!("QoS {} does not exist", message.qos)))?;
         let state = self.session().await?;
@@ -330,16 +332,21 @@ impl BusClient for LocalBusClient {
             response_topic: message.response_topic,
             ..MessageProperties::default()
         };
-        client
-            .publish_with_properties(
+        let matched = client
+            .publish_now(
                 &message.topic,
                 message.payload,
                 qos,
                 message.retain,
                 properties,
             )
-            .await
-            .map_err(broker_error)
+            .map_err(broker_error)?;
+        // Routing is done by the time the call returns, whatever the QoS.
+        Ok(if matched == 0 {
+            Routing::NoSubscribers
+        } else {
+            Routing::Matched
+        })
     }
 }
 
@@ -486,15 +493,21 @@ mod tests {
         let mut parser = bus.connect("parser", false).await.unwrap();
         let mut device = bus.connect("device", false).await.unwrap();
         parser.subscribe(&filters(&["a", "b/+"])).await.unwrap();
-        device.publish(outgoing("a", "1", 1)).await.unwrap();
-        device.publish(outgoing("b/c", "2", 0)).await.unwrap();
+        // The in-process broker says whom a message reached, whatever its QoS.
+        let routed = device.publish(outgoing("a", "1", 1)).await.unwrap();
+        assert_eq!(routed, Routing::Matched);
+        let routed = device.publish(outgoing("b/c", "2", 0)).await.unwrap();
+        assert_eq!(routed, Routing::Matched);
         let first = next(&mut parser).await;
         assert_eq!((first.topic.as_str(), first.qos), ("a", 1));
         let second = next(&mut parser).await;
         assert_eq!((second.topic.as_str(), second.qos), ("b/c", 0));
 
         parser.unsubscribe(&filters(&["a"])).await.unwrap();
-        device.publish(outgoing("a", "3", 1)).await.unwrap();
+        let routed = device.publish(outgoing("a", "3", 1)).await.unwrap();
+        assert_eq!(routed, Routing::NoSubscribers);
+        let routed = device.publish(outgoing("a", "3", 0)).await.unwrap();
+        assert_eq!(routed, Routing::NoSubscribers);
         device.publish(outgoing("b/d", "4", 1)).await.unwrap();
         assert_eq!(next(&mut parser).await.topic, "b/d");
         nothing(&mut parser).await;

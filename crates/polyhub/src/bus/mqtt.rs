@@ -39,7 +39,9 @@ use polyhub_client::{
     Client, ClientError, ClientOptions, ConnectionError, DisconnectReason, Event, Events, Message,
     Properties, ProtocolVersion, QoS, ReasonCode, SubscribeFilter, SubscriptionOptions, TlsOptions,
 };
-use polyhub_hub::bus::{AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing};
+use polyhub_hub::bus::{
+    AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing, Routing,
+};
 
 /// CONNECT user property asking polyhub's broker to stamp each PUBLISH with its sequence
 /// number.
@@ -401,7 +403,7 @@ impl BusClient for MqttBusClient {
             .map_err(client_error)
     }
 
-    async fn publish(&mut self, message: Outgoing) -> Result<(), BusError> {
+    async fn publish(&mut self, message: Outgoing) -> Result<Routing, BusError> {
         let qos = QoS::from_u8(message.qos)
             .ok_or_else(|| BusError::Refused(format!("QoS {} does not exist", message.qos)))?;
         let mut outgoing = Message::new(message.topic, message.payload)
@@ -413,10 +415,19 @@ impl BusClient for MqttBusClient {
         if let Some(response_topic) = message.response_topic {
             outgoing = outgoing.response_topic(response_topic);
         }
-        self.client
+        let published = self
+            .client
             .publish_message(outgoing)
             .await
-            .map_err(client_error)
+            .map_err(client_error)?;
+        // The bus connects with MQTT 5, so a QoS 1/2 acknowledgement says whether anyone
+        // subscribed; a broker that does not fill in the code answers plain success, which
+        // cannot be told from "matched".
+        Ok(match published.reason_code() {
+            None => Routing::Unknown,
+            Some(_) if published.no_matching_subscribers() => Routing::NoSubscribers,
+            Some(_) => Routing::Matched,
+        })
     }
 }
 
@@ -550,11 +561,15 @@ mod tests {
         let mut parser = bus.connect("parser", false).await.unwrap();
         let mut device = bus.connect("device", false).await.unwrap();
         parser.subscribe(&filters(&["a", "b/+"])).await.unwrap();
-        device.publish(outgoing("a", "1", 1)).await.unwrap();
+        // The PUBACK of an MQTT 5 broker says whether anyone subscribed; QoS 0 has none.
+        let routed = device.publish(outgoing("a", "1", 1)).await.unwrap();
+        assert_eq!(routed, Routing::Matched);
         assert_eq!(next(&mut parser).await.topic, "a");
         parser.unsubscribe(&filters(&["a"])).await.unwrap();
-        device.publish(outgoing("a", "2", 1)).await.unwrap();
-        device.publish(outgoing("b/c", "3", 0)).await.unwrap();
+        let routed = device.publish(outgoing("a", "2", 1)).await.unwrap();
+        assert_eq!(routed, Routing::NoSubscribers);
+        let routed = device.publish(outgoing("b/c", "3", 0)).await.unwrap();
+        assert_eq!(routed, Routing::Unknown);
         let message = next(&mut parser).await;
         assert_eq!((message.topic.as_str(), message.qos), ("b/c", 0));
         nothing(&mut parser).await;

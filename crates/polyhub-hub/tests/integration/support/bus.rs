@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use polyhub_hub::bus::{AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing};
+use polyhub_hub::bus::{
+    AckToken, BusClient, BusConnector, BusError, BusMessage, Outgoing, Routing,
+};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]
@@ -320,7 +322,7 @@ impl BusClient for FakeClient {
         })?
     }
 
-    async fn publish(&mut self, message: Outgoing) -> Result<(), BusError> {
+    async fn publish(&mut self, message: Outgoing) -> Result<Routing, BusError> {
         self.with_session(|_, _| ())?;
         let mut state = self.bus.state.lock();
         state.published.push(message.clone());
@@ -332,7 +334,8 @@ impl BusClient for FakeClient {
             response_topic: None,
             correlation_data: message.correlation_data.clone(),
         });
-        Ok(())
+        // Nothing under test reads it.
+        Ok(Routing::Unknown)
     }
 }
 
