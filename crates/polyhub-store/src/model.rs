@@ -511,6 +511,19 @@ pub enum CommandState {
 }
 
 impl CommandState {
+    /// The state's name as the API and the database spell it (`queued`, `acknowledged`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Delivered => "delivered",
+            CommandState::Acknowledged => "acknowledged",
+            CommandState::Expired => "expired",
+            CommandState::Failed => "failed",
+            CommandState::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether nothing more can happen to a command in this state.
     pub fn is_final(self) -> bool {
         matches!(
@@ -525,6 +538,10 @@ impl CommandState {
 
 /// Largest command payload accepted (JSON-encoded), in bytes.
 pub const MAX_COMMAND_PAYLOAD: usize = 64 * 1024;
+
+/// Longest command name a store accepts, in bytes (it becomes an MQTT topic level for
+/// sgframework devices).
+pub const MAX_STORED_COMMAND_NAME_LEN: usize = 128;
 
 /// A command to a device, stored before it is delivered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -614,6 +631,38 @@ pub struct NewCommandRecord {
     pub expires_at: Option<Millis>,
 }
 
+impl NewCommandRecord {
+    /// What every store checks of a new command before it looks at its data (ids, protocol,
+    /// name, payload size), in that order; returns the payload as the JSON text to store.
+    pub fn validate(&self) -> Result<String, StoreError> {
+        validate_id("command", &self.id)?;
+        validate_id("device", &self.device_id)?;
+        validate_id("hub", &self.hub_id)?;
+        if self.protocol.is_empty() {
+            return Err(StoreError::Invalid("protocol must not be empty".to_owned()));
+        }
+        if self.name.is_empty() {
+            return Err(StoreError::Invalid(
+                "command name must not be empty".to_owned(),
+            ));
+        }
+        if self.name.len() > MAX_STORED_COMMAND_NAME_LEN {
+            return Err(StoreError::Invalid(format!(
+                "command name is longer than {MAX_STORED_COMMAND_NAME_LEN} bytes"
+            )));
+        }
+        let payload = serde_json::to_string(&self.payload)
+            .map_err(|err| StoreError::Invalid(format!("cannot encode command payload: {err}")))?;
+        if payload.len() > MAX_COMMAND_PAYLOAD {
+            return Err(StoreError::Invalid(format!(
+                "command payload is {} bytes of JSON, more than the {MAX_COMMAND_PAYLOAD} allowed",
+                payload.len()
+            )));
+        }
+        Ok(payload)
+    }
+}
+
 /// A change of a command's state, applied only if its current state is in `from`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandTransition {
@@ -625,6 +674,28 @@ pub struct CommandTransition {
     pub reason: Option<String>,
     /// Stored in `reply` (acknowledged, failed).
     pub reply: Option<serde_json::Value>,
+}
+
+impl CommandTransition {
+    /// Whether a command now in `current` may take this step: only from a state in `from`,
+    /// and never out of a final state, whatever `from` says (a late event must not revive a
+    /// finished command). The refusal names both, as the API shows it.
+    pub fn check_from(&self, current: CommandState) -> Result<(), StoreError> {
+        if !current.is_final() && self.from.contains(&current) {
+            return Ok(());
+        }
+        let expected = if self.from.is_empty() {
+            "in any expected state".to_owned()
+        } else {
+            let names: Vec<&str> = self.from.iter().map(|state| state.as_str()).collect();
+            names.join(", ")
+        };
+        Err(StoreError::Conflict(format!(
+            "command {:?} is {}, not {expected}",
+            self.id,
+            current.as_str()
+        )))
+    }
 }
 
 /// Commands of one device (or of all devices), newest first unless `oldest_first`.

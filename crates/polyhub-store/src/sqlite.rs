@@ -944,8 +944,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
-        commands::validate_new_command(&command)?;
-        self.write(move |tx| commands::create_command(tx, command))
+        let payload = command.validate()?;
+        self.write(move |tx| commands::create_command(tx, command, &payload))
             .await
     }
 

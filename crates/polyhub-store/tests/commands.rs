@@ -1,22 +1,87 @@
-//! Commands in the SQLite store, through the `Store` trait: creation and per-device order,
-//! compare-and-set transitions, listing and paging, restart reload, schema upgrade.
+//! Commands through the `Store` trait, one suite for every store: creation and per-device
+//! order, compare-and-set transitions and step lists, listing and paging, unfinished commands,
+//! commands of a deleted device. Each scenario runs twice, on the SQLite store
+//! (`sqlite::<scenario>`) and on the kit's in-memory `MemoryStore` (`memory::<scenario>`) that
+//! the other crates' tests stand on, so the two cannot drift apart unnoticed. A few tests
+//! below are about SQLite alone (restart reload, two store instances on one file, schema
+//! upgrade).
 
 use std::sync::Arc;
 
 use polyhub_store::*;
+use polyhub_testkit::store::MemoryStore;
 use serde_json::json;
 use tempfile::TempDir;
 
 use CommandState::*;
 
+/// Runs each scenario (an `async fn(Arc<dyn Store>)` below) as two tests, `sqlite::<scenario>`
+/// and `memory::<scenario>`, each on a fresh store from [`add_devices`]: a failure names the
+/// store it happened on, and one store failing does not hide how the other does. Arguments
+/// in parentheses after a scenario go to `#[tokio::test]`.
+macro_rules! on_both_stores {
+    ($($scenario:ident $(($($test_args:tt)*))?),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test $(($($test_args)*))?]
+                async fn $scenario() {
+                    let (_dir, store) = super::store_with_devices().await;
+                    super::$scenario(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod memory {
+            $(
+                #[tokio::test $(($($test_args)*))?]
+                async fn $scenario() {
+                    let store = super::MemoryStore::new();
+                    super::add_devices(&store).await;
+                    super::$scenario(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores! {
+    a_new_command_is_queued_with_every_field_stored,
+    payloads_of_every_json_kind_round_trip,
+    seq_counts_per_device,
+    concurrent_creations_get_distinct_consecutive_seqs,
+    creating_for_a_missing_device_is_not_found,
+    a_duplicate_id_is_a_conflict_and_changes_nothing,
+    invalid_new_commands_are_refused,
+    unknown_and_invalid_ids_when_reading,
+    the_full_lifecycle_timestamps_each_step,
+    queued_to_delivered_records_the_send_in_the_same_step,
+    steps_written_together_apply_in_order_all_or_none,
+    an_acknowledgement_fills_a_missing_delivery_time_only,
+    final_states_set_finished_at_and_keep_reason_and_reply,
+    a_transition_from_an_unexpected_state_is_a_conflict_naming_it,
+    a_final_state_never_changes_even_if_from_lists_it,
+    sending_again_counts_attempts_and_moves_sent_at,
+    back_to_queued_keeps_the_timestamps,
+    a_later_transition_without_reason_keeps_the_earlier_one,
+    racing_transitions_in_one_process_have_exactly_one_winner(
+        flavor = "multi_thread",
+        worker_threads = 2
+    ),
+    a_device_list_is_in_seq_order_newest_first_by_default,
+    a_list_of_all_devices_is_in_creation_order_with_ids_breaking_ties,
+    lists_filter_by_state,
+    paging_after_an_id_continues_in_the_chosen_order,
+    paging_after_an_unknown_or_foreign_id_is_invalid,
+    limit_zero_means_a_hundred_and_large_limits_are_capped,
+    unfinished_commands_are_ordered_by_device_then_seq,
+    commands_of_a_deleted_device_stay_readable,
+}
+
 fn open(dir: &TempDir) -> SqliteStore {
     SqliteStore::open(dir.path(), &SqliteConfig::default()).expect("open store")
 }
 
-/// A store with group `g1`, hub `h1` and devices `d1`, `d2` (`d2` speaks xmpp).
-async fn store_with_devices() -> (TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
+/// Adds group `g1`, hub `h1` and devices `d1`, `d2` (`d2` speaks xmpp) to an empty store.
+async fn add_devices(store: &dyn Store) {
     store
         .create_group(NewGroup {
             id: "g1".to_owned(),
@@ -48,6 +113,13 @@ async fn store_with_devices() -> (TempDir, SqliteStore) {
             .await
             .unwrap();
     }
+}
+
+/// A SQLite store in a fresh folder, with the devices of [`add_devices`].
+async fn store_with_devices() -> (TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    add_devices(&store).await;
     (dir, store)
 }
 
@@ -86,9 +158,7 @@ fn query(device: Option<&str>) -> CommandQuery {
     }
 }
 
-#[tokio::test]
-async fn a_new_command_is_queued_with_every_field_stored() {
-    let (_dir, store) = store_with_devices().await;
+async fn a_new_command_is_queued_with_every_field_stored(store: Arc<dyn Store>) {
     let mut new = record("cmd-1", "d1", 1_000);
     new.payload = json!({"nested": [1, "two", null], "on": true});
     let created = store.create_command(new.clone()).await.unwrap();
@@ -115,9 +185,7 @@ async fn a_new_command_is_queued_with_every_field_stored() {
     assert_eq!(store.get_command("cmd-1").await.unwrap(), expected);
 }
 
-#[tokio::test]
-async fn payloads_of_every_json_kind_round_trip() {
-    let (_dir, store) = store_with_devices().await;
+async fn payloads_of_every_json_kind_round_trip(store: Arc<dyn Store>) {
     let payloads = [
         json!(null),
         json!("on"),
@@ -138,9 +206,7 @@ async fn payloads_of_every_json_kind_round_trip() {
     }
 }
 
-#[tokio::test]
-async fn seq_counts_per_device() {
-    let (_dir, store) = store_with_devices().await;
+async fn seq_counts_per_device(store: Arc<dyn Store>) {
     let mut seqs = Vec::new();
     for (id, device) in [
         ("c1", "d1"),
@@ -160,10 +226,7 @@ async fn seq_counts_per_device() {
     assert_eq!(seqs, vec![1, 1, 2, 3, 2]);
 }
 
-#[tokio::test]
-async fn concurrent_creations_get_distinct_consecutive_seqs() {
-    let (_dir, store) = store_with_devices().await;
-    let store = Arc::new(store);
+async fn concurrent_creations_get_distinct_consecutive_seqs(store: Arc<dyn Store>) {
     let tasks: Vec<_> = (0..8)
         .map(|n| {
             let store = Arc::clone(&store);
@@ -182,18 +245,14 @@ async fn concurrent_creations_get_distinct_consecutive_seqs() {
     assert_eq!(seqs, (1..=8).collect::<Vec<i64>>());
 }
 
-#[tokio::test]
-async fn creating_for_a_missing_device_is_not_found() {
-    let (_dir, store) = store_with_devices().await;
+async fn creating_for_a_missing_device_is_not_found(store: Arc<dyn Store>) {
     match store.create_command(record("c1", "ghost", 1)).await {
         Err(StoreError::NotFound(message)) => assert!(message.contains("ghost"), "{message}"),
         other => panic!("expected NotFound, got {other:?}"),
     }
 }
 
-#[tokio::test]
-async fn a_duplicate_id_is_a_conflict_and_changes_nothing() {
-    let (_dir, store) = store_with_devices().await;
+async fn a_duplicate_id_is_a_conflict_and_changes_nothing(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     let mut again = record("c1", "d2", 2);
     again.name = "other".to_owned();
@@ -217,9 +276,7 @@ async fn a_duplicate_id_is_a_conflict_and_changes_nothing() {
     );
 }
 
-#[tokio::test]
-async fn invalid_new_commands_are_refused() {
-    let (_dir, store) = store_with_devices().await;
+async fn invalid_new_commands_are_refused(store: Arc<dyn Store>) {
     let cases: Vec<(&str, NewCommandRecord)> = vec![
         ("empty id", record("", "d1", 1)),
         ("id with a slash", record("cmd/1", "d1", 1)),
@@ -288,9 +345,7 @@ async fn invalid_new_commands_are_refused() {
     );
 }
 
-#[tokio::test]
-async fn unknown_and_invalid_ids_when_reading() {
-    let (_dir, store) = store_with_devices().await;
+async fn unknown_and_invalid_ids_when_reading(store: Arc<dyn Store>) {
     assert!(matches!(
         store.get_command("nope").await,
         Err(StoreError::NotFound(message)) if message.contains("nope")
@@ -313,9 +368,7 @@ async fn unknown_and_invalid_ids_when_reading() {
     ));
 }
 
-#[tokio::test]
-async fn the_full_lifecycle_timestamps_each_step() {
-    let (_dir, store) = store_with_devices().await;
+async fn the_full_lifecycle_timestamps_each_step(store: Arc<dyn Store>) {
     store
         .create_command(record("c1", "d1", 1_000))
         .await
@@ -361,9 +414,7 @@ async fn the_full_lifecycle_timestamps_each_step() {
 
 /// A send that the transport confirmed at once is one step, `queued` → `delivered`, recorded
 /// as a send too; `sent` → `delivered` (a receipt) is not a send.
-#[tokio::test]
-async fn queued_to_delivered_records_the_send_in_the_same_step() {
-    let (_dir, store) = store_with_devices().await;
+async fn queued_to_delivered_records_the_send_in_the_same_step(store: Arc<dyn Store>) {
     store
         .create_command(record("c1", "d1", 1_000))
         .await
@@ -401,9 +452,7 @@ async fn queued_to_delivered_records_the_send_in_the_same_step() {
 
 /// Steps written together (a delivery with the answer right after it) are recorded as if
 /// written one by one, in one write: all of them or none.
-#[tokio::test]
-async fn steps_written_together_apply_in_order_all_or_none() {
-    let (_dir, store) = store_with_devices().await;
+async fn steps_written_together_apply_in_order_all_or_none(store: Arc<dyn Store>) {
     store
         .create_command(record("c1", "d1", 1_000))
         .await
@@ -476,9 +525,7 @@ async fn steps_written_together_apply_in_order_all_or_none() {
 /// A reply can overtake the transport's confirmation (an XMPP receipt sent after the reply, a
 /// reply to a command still `sent`): the answer proves delivery, so `delivered_at` is filled,
 /// and an earlier confirmation keeps its own time.
-#[tokio::test]
-async fn an_acknowledgement_fills_a_missing_delivery_time_only() {
-    let (_dir, store) = store_with_devices().await;
+async fn an_acknowledgement_fills_a_missing_delivery_time_only(store: Arc<dyn Store>) {
     store
         .create_command(record("c1", "d1", 1_000))
         .await
@@ -529,9 +576,7 @@ async fn an_acknowledgement_fills_a_missing_delivery_time_only() {
     assert_eq!(failed.delivered_at, None);
 }
 
-#[tokio::test]
-async fn final_states_set_finished_at_and_keep_reason_and_reply() {
-    let (_dir, store) = store_with_devices().await;
+async fn final_states_set_finished_at_and_keep_reason_and_reply(store: Arc<dyn Store>) {
     for (id, to) in [("c1", Expired), ("c2", Failed), ("c3", Cancelled)] {
         store.create_command(record(id, "d1", 1)).await.unwrap();
         let finished = store
@@ -553,9 +598,7 @@ async fn final_states_set_finished_at_and_keep_reason_and_reply() {
     }
 }
 
-#[tokio::test]
-async fn a_transition_from_an_unexpected_state_is_a_conflict_naming_it() {
-    let (_dir, store) = store_with_devices().await;
+async fn a_transition_from_an_unexpected_state_is_a_conflict_naming_it(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     match store
         .transition_command(change("c1", &[Sent, Delivered], Acknowledged, 2))
@@ -575,9 +618,7 @@ async fn a_transition_from_an_unexpected_state_is_a_conflict_naming_it() {
     assert_eq!((unchanged.state, unchanged.acknowledged_at), (Queued, None));
 }
 
-#[tokio::test]
-async fn a_final_state_never_changes_even_if_from_lists_it() {
-    let (_dir, store) = store_with_devices().await;
+async fn a_final_state_never_changes_even_if_from_lists_it(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     store
         .transition_command(change("c1", &[Queued], Cancelled, 2))
@@ -598,9 +639,7 @@ async fn a_final_state_never_changes_even_if_from_lists_it() {
     assert_eq!((stored.state, stored.finished_at), (Cancelled, Some(2)));
 }
 
-#[tokio::test]
-async fn sending_again_counts_attempts_and_moves_sent_at() {
-    let (_dir, store) = store_with_devices().await;
+async fn sending_again_counts_attempts_and_moves_sent_at(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     store
         .transition_command(change("c1", &[Queued], Sent, 10))
@@ -633,9 +672,7 @@ async fn sending_again_counts_attempts_and_moves_sent_at() {
     assert_eq!((delivered.delivered_at, delivered.attempts), (Some(31), 3));
 }
 
-#[tokio::test]
-async fn back_to_queued_keeps_the_timestamps() {
-    let (_dir, store) = store_with_devices().await;
+async fn back_to_queued_keeps_the_timestamps(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     store
         .transition_command(change("c1", &[Queued], Sent, 10))
@@ -651,9 +688,7 @@ async fn back_to_queued_keeps_the_timestamps() {
     );
 }
 
-#[tokio::test]
-async fn a_later_transition_without_reason_keeps_the_earlier_one() {
-    let (_dir, store) = store_with_devices().await;
+async fn a_later_transition_without_reason_keeps_the_earlier_one(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     store
         .transition_command(CommandTransition {
@@ -670,10 +705,7 @@ async fn a_later_transition_without_reason_keeps_the_earlier_one() {
     assert_eq!(acknowledged.reply, None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_transitions_in_one_process_have_exactly_one_winner() {
-    let (_dir, store) = store_with_devices().await;
-    let store = Arc::new(store);
+async fn racing_transitions_in_one_process_have_exactly_one_winner(store: Arc<dyn Store>) {
     for round in 0..10 {
         let id = format!("c{round}");
         store.create_command(record(&id, "d1", 1)).await.unwrap();
@@ -712,33 +744,8 @@ async fn racing_transitions_in_one_process_have_exactly_one_winner() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_transitions_from_two_store_instances_have_exactly_one_winner() {
-    // Two stores on one file stand in for two processes: only SQLite's locks serialise them.
-    let (dir, first) = store_with_devices().await;
-    let second = open(&dir);
-    for round in 0..5 {
-        let id = format!("c{round}");
-        first.create_command(record(&id, "d1", 1)).await.unwrap();
-        let (a, b) = tokio::join!(
-            first.transition_command(change(&id, &[Queued], Sent, 2)),
-            second.transition_command(change(&id, &[Queued], Sent, 2)),
-        );
-        assert_eq!(
-            usize::from(a.is_ok()) + usize::from(b.is_ok()),
-            1,
-            "round {round}: {a:?} {b:?}"
-        );
-        let loser = a.as_ref().err().or(b.as_ref().err()).unwrap();
-        assert!(matches!(loser, StoreError::Conflict(_)), "{loser:?}");
-        let stored = second.get_command(&id).await.unwrap();
-        assert_eq!((stored.state, stored.attempts), (Sent, 1), "sent once");
-    }
-}
-
 /// d1: c1..c5 (seq 1..5), d2: e1, e2; creation times interleave and two share a time.
-async fn listing_fixture() -> (TempDir, SqliteStore) {
-    let (dir, store) = store_with_devices().await;
+async fn listing_fixture(store: &dyn Store) {
     for (id, device, created_at) in [
         ("c1", "d1", 10),
         ("e1", "d2", 15),
@@ -769,12 +776,10 @@ async fn listing_fixture() -> (TempDir, SqliteStore) {
         .transition_command(change("e1", &[Sent], Acknowledged, 41))
         .await
         .unwrap();
-    (dir, store)
 }
 
-#[tokio::test]
-async fn a_device_list_is_in_seq_order_newest_first_by_default() {
-    let (_dir, store) = listing_fixture().await;
+async fn a_device_list_is_in_seq_order_newest_first_by_default(store: Arc<dyn Store>) {
+    listing_fixture(store.as_ref()).await;
     let newest_first = store.list_commands(query(Some("d1"))).await.unwrap();
     // c5 was created with the earliest time but is d1's latest command.
     assert_eq!(ids(&newest_first), vec!["c5", "c4", "c3", "c2", "c1"]);
@@ -786,6 +791,21 @@ async fn a_device_list_is_in_seq_order_newest_first_by_default() {
         .await
         .unwrap();
     assert_eq!(ids(&oldest_first), vec!["c1", "c2", "c3", "c4", "c5"]);
+    // Nor does the id decide: the caller picks ids, the store picks `seq`. d2's latest
+    // command has the id that sorts first, and a page after it goes on by seq.
+    store.create_command(record("a1", "d2", 50)).await.unwrap();
+    assert_eq!(
+        ids(&store.list_commands(query(Some("d2"))).await.unwrap()),
+        vec!["a1", "e2", "e1"]
+    );
+    let after_latest = store
+        .list_commands(CommandQuery {
+            after: Some("a1".to_owned()),
+            ..query(Some("d2"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&after_latest), vec!["e2", "e1"]);
     assert!(
         store
             .list_commands(query(Some("nobody")))
@@ -795,9 +815,8 @@ async fn a_device_list_is_in_seq_order_newest_first_by_default() {
     );
 }
 
-#[tokio::test]
-async fn a_list_of_all_devices_is_in_creation_order_with_ids_breaking_ties() {
-    let (_dir, store) = listing_fixture().await;
+async fn a_list_of_all_devices_is_in_creation_order_with_ids_breaking_ties(store: Arc<dyn Store>) {
+    listing_fixture(store.as_ref()).await;
     let newest_first = store.list_commands(query(None)).await.unwrap();
     assert_eq!(
         ids(&newest_first),
@@ -816,9 +835,8 @@ async fn a_list_of_all_devices_is_in_creation_order_with_ids_breaking_ties() {
     );
 }
 
-#[tokio::test]
-async fn lists_filter_by_state() {
-    let (_dir, store) = listing_fixture().await;
+async fn lists_filter_by_state(store: Arc<dyn Store>) {
+    listing_fixture(store.as_ref()).await;
     let unfinished = store
         .list_commands(CommandQuery {
             states: vec![Queued, Sent],
@@ -847,7 +865,7 @@ async fn lists_filter_by_state() {
 }
 
 /// Walks every page of `base` with pages of `limit`, following the last id of each page.
-async fn all_pages(store: &SqliteStore, base: CommandQuery, limit: u32) -> Vec<Vec<String>> {
+async fn all_pages(store: &dyn Store, base: CommandQuery, limit: u32) -> Vec<Vec<String>> {
     let mut pages = Vec::new();
     let mut after = None;
     loop {
@@ -868,16 +886,15 @@ async fn all_pages(store: &SqliteStore, base: CommandQuery, limit: u32) -> Vec<V
     }
 }
 
-#[tokio::test]
-async fn paging_after_an_id_continues_in_the_chosen_order() {
-    let (_dir, store) = listing_fixture().await;
+async fn paging_after_an_id_continues_in_the_chosen_order(store: Arc<dyn Store>) {
+    listing_fixture(store.as_ref()).await;
     assert_eq!(
-        all_pages(&store, query(Some("d1")), 2).await,
+        all_pages(store.as_ref(), query(Some("d1")), 2).await,
         vec![vec!["c5", "c4"], vec!["c3", "c2"], vec!["c1"]]
     );
     assert_eq!(
         all_pages(
-            &store,
+            store.as_ref(),
             CommandQuery {
                 oldest_first: true,
                 ..query(Some("d1"))
@@ -889,12 +906,12 @@ async fn paging_after_an_id_continues_in_the_chosen_order() {
     );
     // Across devices the tie at created_at 20 (c2, c3) falls on a page boundary.
     assert_eq!(
-        all_pages(&store, query(None), 3).await,
+        all_pages(store.as_ref(), query(None), 3).await,
         vec![vec!["c4", "e2", "c3"], vec!["c2", "e1", "c1"], vec!["c5"]]
     );
     assert_eq!(
         all_pages(
-            &store,
+            store.as_ref(),
             CommandQuery {
                 oldest_first: true,
                 ..query(None)
@@ -916,9 +933,8 @@ async fn paging_after_an_id_continues_in_the_chosen_order() {
     assert_eq!(ids(&page), vec!["c1"]);
 }
 
-#[tokio::test]
-async fn paging_after_an_unknown_or_foreign_id_is_invalid() {
-    let (_dir, store) = listing_fixture().await;
+async fn paging_after_an_unknown_or_foreign_id_is_invalid(store: Arc<dyn Store>) {
+    listing_fixture(store.as_ref()).await;
     for (device, after) in [
         (Some("d1"), "zzz"),
         (None, "zzz"),
@@ -942,9 +958,7 @@ async fn paging_after_an_unknown_or_foreign_id_is_invalid() {
     ));
 }
 
-#[tokio::test]
-async fn limit_zero_means_a_hundred_and_large_limits_are_capped() {
-    let (_dir, store) = store_with_devices().await;
+async fn limit_zero_means_a_hundred_and_large_limits_are_capped(store: Arc<dyn Store>) {
     for n in 0..105 {
         store
             .create_command(record(&format!("c{n:03}"), "d1", n))
@@ -973,9 +987,8 @@ async fn limit_zero_means_a_hundred_and_large_limits_are_capped() {
     assert_eq!(ids(&one), vec!["c104"]);
 }
 
-#[tokio::test]
-async fn unfinished_commands_are_ordered_by_device_then_seq() {
-    let (_dir, store) = listing_fixture().await;
+async fn unfinished_commands_are_ordered_by_device_then_seq(store: Arc<dyn Store>) {
+    listing_fixture(store.as_ref()).await;
     store
         .transition_command(change("c4", &[Queued], Sent, 50))
         .await
@@ -994,9 +1007,7 @@ async fn unfinished_commands_are_ordered_by_device_then_seq() {
     assert_eq!(states, vec![Sent, Delivered, Queued, Queued]);
 }
 
-#[tokio::test]
-async fn commands_of_a_deleted_device_stay_readable() {
-    let (_dir, store) = store_with_devices().await;
+async fn commands_of_a_deleted_device_stay_readable(store: Arc<dyn Store>) {
     store.create_command(record("c1", "d1", 1)).await.unwrap();
     store.create_command(record("c2", "d1", 2)).await.unwrap();
     store.delete_device("d1").await.unwrap();
@@ -1033,6 +1044,32 @@ async fn commands_of_a_deleted_device_stay_readable() {
             .seq,
         3
     );
+}
+
+// --- SQLite only: files, processes and restarts, which the in-memory store does not have ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_transitions_from_two_store_instances_have_exactly_one_winner() {
+    // Two stores on one file stand in for two processes: only SQLite's locks serialise them.
+    let (dir, first) = store_with_devices().await;
+    let second = open(&dir);
+    for round in 0..5 {
+        let id = format!("c{round}");
+        first.create_command(record(&id, "d1", 1)).await.unwrap();
+        let (a, b) = tokio::join!(
+            first.transition_command(change(&id, &[Queued], Sent, 2)),
+            second.transition_command(change(&id, &[Queued], Sent, 2)),
+        );
+        assert_eq!(
+            usize::from(a.is_ok()) + usize::from(b.is_ok()),
+            1,
+            "round {round}: {a:?} {b:?}"
+        );
+        let loser = a.as_ref().err().or(b.as_ref().err()).unwrap();
+        assert!(matches!(loser, StoreError::Conflict(_)), "{loser:?}");
+        let stored = second.get_command(&id).await.unwrap();
+        assert_eq!((stored.state, stored.attempts), (Sent, 1), "sent once");
+    }
 }
 
 #[tokio::test]

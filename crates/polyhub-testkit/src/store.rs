@@ -61,7 +61,7 @@ struct State {
     duplicates: u64,
     events: Vec<ParserEvent>,
     presence: BTreeMap<String, Presence>,
-    /// Keyed by id, which sorts by creation like the real ids.
+    /// Keyed by id; `list_commands` sorts them as SQLite does.
     commands: BTreeMap<String, Command>,
     /// The last timestamp handed out.
     clock: Millis,
@@ -746,16 +746,27 @@ impl Store for MemoryStore {
     }
 
     async fn create_command(&self, command: NewCommandRecord) -> Result<Command, StoreError> {
+        // The checks every store makes first, so that a wrong command gets the same error
+        // from both.
+        command.validate()?;
         let mut state = self.state()?;
-        if !state.devices.contains_key(&command.device_id) {
+        let Some(device) = state.devices.get(&command.device_id) else {
             return Err(not_found("device", &command.device_id));
+        };
+        if device.hub_id != command.hub_id {
+            return Err(StoreError::Invalid(format!(
+                "device {:?} belongs to hub {:?}, not {:?}",
+                command.device_id, device.hub_id, command.hub_id
+            )));
         }
         if state.commands.contains_key(&command.id) {
             return Err(StoreError::Conflict(format!(
-                "command {:?} exists",
+                "command {:?} already exists",
                 command.id
             )));
         }
+        // Counted over the commands, not the device: a device deleted and created again
+        // continues after its old commands.
         let seq = state
             .commands
             .values()
@@ -788,6 +799,7 @@ impl Store for MemoryStore {
     }
 
     async fn get_command(&self, id: &str) -> Result<Command, StoreError> {
+        validate_id("command", id)?;
         let state = self.state()?;
         state
             .commands
@@ -797,35 +809,74 @@ impl Store for MemoryStore {
     }
 
     async fn list_commands(&self, query: CommandQuery) -> Result<Vec<Command>, StoreError> {
+        if let Some(device_id) = &query.device_id {
+            validate_id("device", device_id)?;
+        }
+        if let Some(after) = &query.after {
+            validate_id("command", after)?;
+        }
         let state = self.state()?;
         let limit = if query.limit == 0 {
             100
         } else {
             query.limit.min(MAX_PAGE)
         } as usize;
-        let selected = state.commands.values().filter(|command| {
-            query
-                .device_id
-                .as_ref()
-                .is_none_or(|device| &command.device_id == device)
-                && (query.states.is_empty() || query.states.contains(&command.state))
-        });
-        let after = query.after.as_deref();
-        let items: Vec<Command> = if query.oldest_first {
-            selected
-                .filter(|command| after.is_none_or(|after| command.id.as_str() > after))
-                .take(limit)
-                .cloned()
-                .collect()
-        } else {
-            selected
-                .rev()
-                .filter(|command| after.is_none_or(|after| command.id.as_str() < after))
-                .take(limit)
-                .cloned()
-                .collect()
+        // As SQLite orders them: one device's commands by `seq` (the order they go out in,
+        // whatever their ids and times), all devices' by creation time, ids breaking ties. A
+        // page continues after the position of the `after` command, which must exist (and
+        // be the device's), even if the state filter would now leave it out.
+        let key = |command: &Command| match query.device_id {
+            Some(_) => (command.seq, String::new()),
+            None => (command.created_at, command.id.clone()),
         };
-        Ok(items)
+        let after = match &query.after {
+            None => None,
+            Some(after) => {
+                let Some(cursor) = state.commands.get(after) else {
+                    return Err(StoreError::Invalid(format!(
+                        "cannot continue after command {after:?}: no such command"
+                    )));
+                };
+                if let Some(device_id) = &query.device_id
+                    && &cursor.device_id != device_id
+                {
+                    return Err(StoreError::Invalid(format!(
+                        "cannot continue after command {after:?}: it is not a command of \
+                         device {device_id:?}"
+                    )));
+                }
+                Some(key(cursor))
+            }
+        };
+        let mut selected: Vec<&Command> = state
+            .commands
+            .values()
+            .filter(|command| {
+                query
+                    .device_id
+                    .as_ref()
+                    .is_none_or(|device| &command.device_id == device)
+                    && (query.states.is_empty() || query.states.contains(&command.state))
+            })
+            .collect();
+        selected.sort_by_cached_key(|command| key(command));
+        if !query.oldest_first {
+            selected.reverse();
+        }
+        Ok(selected
+            .into_iter()
+            .filter(|command| {
+                after.as_ref().is_none_or(|after| {
+                    if query.oldest_first {
+                        key(command) > *after
+                    } else {
+                        key(command) < *after
+                    }
+                })
+            })
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn transition_command(&self, change: CommandTransition) -> Result<Command, StoreError> {
@@ -837,6 +888,7 @@ impl Store for MemoryStore {
         changes: Vec<CommandTransition>,
     ) -> Result<Command, StoreError> {
         let id = polyhub_store::steps_command_id(&changes)?.to_owned();
+        validate_id("command", &id)?;
         let mut state = self.state()?;
         // Applied to a copy, kept only if every step applies: all or none, like SQLite's.
         let mut command = state
@@ -867,13 +919,7 @@ impl Store for MemoryStore {
 
 /// One step of [`Store::transition_command`] on `command`, refused as SQLite refuses it.
 fn apply_transition(command: &mut Command, change: CommandTransition) -> Result<(), StoreError> {
-    // A final state is final whatever `from` says: a late event must not revive it.
-    if command.state.is_final() || !change.from.contains(&command.state) {
-        return Err(StoreError::Conflict(format!(
-            "command {:?} is {:?}",
-            change.id, command.state
-        )));
-    }
+    change.check_from(command.state)?;
     command.apply(&change);
     Ok(())
 }

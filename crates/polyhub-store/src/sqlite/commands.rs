@@ -14,9 +14,6 @@ use crate::model::*;
 /// Default page of command lists.
 const DEFAULT_COMMAND_PAGE: u32 = 100;
 
-/// Longest command name accepted (it becomes an MQTT topic level for sgframework devices).
-pub(super) const MAX_COMMAND_NAME_LEN: usize = 128;
-
 /// The states a command can still leave; must match the `commands_unfinished` index's
 /// `WHERE` clause in migration 0002 word for word, or SQLite will not use that index.
 const UNFINISHED_CONDITION: &str = "state IN ('queued', 'sent', 'delivered')";
@@ -24,18 +21,6 @@ const UNFINISHED_CONDITION: &str = "state IN ('queued', 'sent', 'delivered')";
 const COMMAND_COLUMNS: &str = "id, device_id, hub_id, protocol, name, payload, seq, state, \
      created_at, expires_at, sent_at, delivered_at, acknowledged_at, finished_at, reason, \
      reply, attempts";
-
-pub(super) fn state_text(state: CommandState) -> &'static str {
-    match state {
-        CommandState::Queued => "queued",
-        CommandState::Sent => "sent",
-        CommandState::Delivered => "delivered",
-        CommandState::Acknowledged => "acknowledged",
-        CommandState::Expired => "expired",
-        CommandState::Failed => "failed",
-        CommandState::Cancelled => "cancelled",
-    }
-}
 
 fn parse_state(command_id: &str, text: &str) -> Result<CommandState, StoreError> {
     match text {
@@ -144,38 +129,13 @@ fn collect_commands(records: Vec<CommandRecord>) -> Result<Vec<Command>, StoreEr
         .collect()
 }
 
-/// Checks the fields of a new command that do not need the database.
-pub(super) fn validate_new_command(command: &NewCommandRecord) -> Result<(), StoreError> {
-    validate_id("command", &command.id)?;
-    validate_id("device", &command.device_id)?;
-    validate_id("hub", &command.hub_id)?;
-    if command.protocol.is_empty() {
-        return Err(StoreError::Invalid("protocol must not be empty".to_owned()));
-    }
-    if command.name.is_empty() {
-        return Err(StoreError::Invalid(
-            "command name must not be empty".to_owned(),
-        ));
-    }
-    if command.name.len() > MAX_COMMAND_NAME_LEN {
-        return Err(StoreError::Invalid(format!(
-            "command name is longer than {MAX_COMMAND_NAME_LEN} bytes"
-        )));
-    }
-    Ok(())
-}
-
+/// Stores `command`, whose fields [`NewCommandRecord::validate`] has checked and whose payload
+/// it encoded.
 pub(super) fn create_command(
     conn: &Connection,
     command: NewCommandRecord,
+    payload: &str,
 ) -> Result<Command, StoreError> {
-    let payload = encode_json("payload", &command.payload)?;
-    if payload.len() > MAX_COMMAND_PAYLOAD {
-        return Err(StoreError::Invalid(format!(
-            "command payload is {} bytes of JSON, more than the {MAX_COMMAND_PAYLOAD} allowed",
-            payload.len()
-        )));
-    }
     let device_hub: Option<String> = conn
         .prepare_cached("SELECT hub_id FROM devices WHERE id = ?1")?
         .query_row([&command.device_id], |row| row.get(0))
@@ -285,7 +245,7 @@ pub(super) fn list_commands(
     if !query.states.is_empty() {
         let mut placeholders = Vec::with_capacity(query.states.len());
         for state in &query.states {
-            values.push(SqlValue::Text(state_text(*state).to_owned()));
+            values.push(SqlValue::Text(CommandState::as_str(*state).to_owned()));
             placeholders.push(format!("?{}", values.len()));
         }
         conditions.push(format!("state IN ({})", placeholders.join(", ")));
@@ -338,11 +298,6 @@ fn cursor_created_at(conn: &Connection, after: &str) -> Result<Millis, StoreErro
         .ok_or_else(|| bad_cursor(after))
 }
 
-fn states_list(states: &[CommandState]) -> String {
-    let names: Vec<&str> = states.iter().copied().map(state_text).collect();
-    names.join(", ")
-}
-
 pub(super) fn transition_command(
     conn: &Connection,
     change: &CommandTransition,
@@ -359,20 +314,7 @@ pub(super) fn transition_command(
         )));
     };
     let current_state = parse_state(&change.id, &current_state)?;
-    // A final state is final whatever `from` says: a late event (a reply after a cancel, a
-    // receipt after an expiry) must never revive a command.
-    if current_state.is_final() || !change.from.contains(&current_state) {
-        return Err(StoreError::Conflict(format!(
-            "command {:?} is {}, not {}",
-            change.id,
-            state_text(current_state),
-            if change.from.is_empty() {
-                "in any expected state".to_owned()
-            } else {
-                states_list(&change.from)
-            }
-        )));
-    }
+    change.check_from(current_state)?;
     let reply = change
         .reply
         .as_ref()
@@ -419,12 +361,12 @@ pub(super) fn transition_command(
         .query_row(
             params![
                 change.id,
-                state_text(change.to),
+                CommandState::as_str(change.to),
                 change.at,
                 change.reason,
                 reply,
                 attempts_increment,
-                state_text(current_state)
+                CommandState::as_str(current_state)
             ],
             CommandRecord::from_row,
         )
@@ -464,11 +406,14 @@ mod tests {
             CommandState::Failed,
             CommandState::Cancelled,
         ] {
-            assert_eq!(parse_state("c", state_text(state)).unwrap(), state);
+            assert_eq!(
+                parse_state("c", CommandState::as_str(state)).unwrap(),
+                state
+            );
             // The stored text is the API's JSON spelling.
             assert_eq!(
                 serde_json::to_value(state).unwrap(),
-                serde_json::Value::String(state_text(state).to_owned())
+                serde_json::Value::String(CommandState::as_str(state).to_owned())
             );
         }
         assert!(matches!(
