@@ -665,23 +665,11 @@ fn service_stopped() -> CommandError {
     CommandError::Unavailable("the command service is not running".to_owned())
 }
 
-fn state_label(state: CommandState) -> &'static str {
-    match state {
-        CommandState::Queued => "queued",
-        CommandState::Sent => "sent",
-        CommandState::Delivered => "delivered",
-        CommandState::Acknowledged => "acknowledged",
-        CommandState::Expired => "expired",
-        CommandState::Failed => "failed",
-        CommandState::Cancelled => "cancelled",
-    }
-}
-
 fn count_transition(protocol: &str, state: CommandState) {
     metrics::counter!(
         "polyhub_commands_total",
         "protocol" => protocol.to_owned(),
-        "state" => state_label(state)
+        "state" => state.as_str()
     )
     .increment(1);
 }
@@ -1003,7 +991,7 @@ impl Recorder {
                 Err(CommandError::NotFound(message))
             }
             Err(err) => {
-                tracing::warn!(command = %change.id, to = state_label(change.to), error = %err, "cannot record a command transition");
+                tracing::warn!(command = %change.id, to = change.to.as_str(), error = %err, "cannot record a command transition");
                 // A final change that did not land must not leave the command untracked
                 // (memory already let it go); a lost intermediate step changes nothing.
                 if change.to.is_final()
