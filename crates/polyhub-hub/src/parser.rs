@@ -133,6 +133,7 @@ pub(crate) async fn run_parser(
         tokio::select! {
             biased;
             () = stop.cancelled() => {
+                parser.take_delivered().await?;
                 parser.flush().await?;
                 return Ok(());
             }
@@ -319,6 +320,29 @@ impl Parser {
     }
 
     /// Turns a received message into its batch entry (rows or a dead letter).
+    /// At a stop: takes in every message the broker has already handed to this parser's
+    /// session (the devices' connections are closed before parsers stop, so the broker has
+    /// acknowledged them to their devices), so that the flush after it commits them now
+    /// rather than after the next start. Stops at the first message not there yet.
+    async fn take_delivered(&mut self) -> Result<(), HubError> {
+        loop {
+            // `recv` is cancel-safe; a zero timeout polls it once, and without tokio's
+            // cooperative budget, which would otherwise make a long queue look empty.
+            let poll_once = tokio::time::timeout(Duration::ZERO, self.client.recv());
+            let message = match tokio::task::unconstrained(poll_once).await {
+                Ok(received) => received?,
+                Err(_not_there_yet) => return Ok(()),
+            };
+            let Some(message) = message else {
+                return Ok(());
+            };
+            self.accept(message);
+            if self.batch.messages.len() >= self.config.batch_max_messages {
+                self.flush().await?;
+            }
+        }
+    }
+
     fn accept(&mut self, message: BusMessage) {
         if self.batch.messages.is_empty() {
             self.batch.deadline =

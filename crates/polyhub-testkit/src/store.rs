@@ -45,6 +45,10 @@ pub struct MemoryStore {
     state: Mutex<State>,
     /// While set, every trait call fails with `Unavailable`.
     down: AtomicBool,
+    /// While set, `write_batch` waits before it does anything ([`MemoryStore::hold_batches`]).
+    batches_held: AtomicBool,
+    batches_released: tokio::sync::Notify,
+    batches_waiting: std::sync::atomic::AtomicUsize,
     faults: Mutex<HashMap<String, WriteFault>>,
 }
 
@@ -94,6 +98,24 @@ impl MemoryStore {
     /// Takes the whole store down (every trait call fails `Unavailable`) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Holds every `write_batch` call (as a slow disk would) until
+    /// [`release_batches`](MemoryStore::release_batches): lets a test act while a parser is
+    /// inside a commit.
+    pub fn hold_batches(&self) {
+        self.batches_held.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets held and later `write_batch` calls go on.
+    pub fn release_batches(&self) {
+        self.batches_held.store(false, Ordering::SeqCst);
+        self.batches_released.notify_waiters();
+    }
+
+    /// Whether a `write_batch` call is waiting in [`hold_batches`](MemoryStore::hold_batches).
+    pub fn batch_waiting(&self) -> bool {
+        self.batches_waiting.load(Ordering::SeqCst) > 0
     }
 
     /// Makes `write_batch` misbehave for `hub_id` (`None` heals it).
@@ -475,6 +497,15 @@ impl Store for MemoryStore {
     }
 
     async fn write_batch(&self, batch: IngestBatch) -> Result<BatchOutcome, StoreError> {
+        self.batches_waiting.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let released = self.batches_released.notified();
+            if !self.batches_held.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
+        self.batches_waiting.fetch_sub(1, Ordering::SeqCst);
         let mut state = self.state()?;
         let fault = self.faults.lock().get(&batch.hub_id).copied();
         match fault {

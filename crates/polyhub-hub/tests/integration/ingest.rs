@@ -179,6 +179,54 @@ async fn batches_commit_by_count_and_stop_flushes_the_rest() {
     hub.stop().await;
 }
 
+/// At a graceful stop the devices are gone first, so whatever their session holds for the
+/// parser was acknowledged to them: the stop commits it, not the next start.
+#[tokio::test]
+async fn a_stop_commits_what_the_broker_has_already_handed_over() {
+    let store = Arc::new(MemoryStore::new());
+    add_hub(
+        &store,
+        "h1",
+        settings(Decoder::Number),
+        DesiredState::Running,
+    )
+    .await;
+    add_device(&store, "h1", "d1").await;
+    let config = polyhub_hub::HubConfig {
+        batch_max_messages: 4,
+        batch_max_delay_ms: 60_000,
+        ..fast_config()
+    };
+    let hub = Fixture::start(store.clone(), config).await;
+    hub.wait_running("h1").await;
+
+    // The parser is inside a commit when the rest arrives and the stop is asked for.
+    store.hold_batches();
+    for value in 0..4 {
+        hub.bus.publish("/h1/d1/data", value.to_string());
+    }
+    wait_until("the parser committing", || store.batch_waiting()).await;
+    for value in 4..10 {
+        hub.bus.publish("/h1/d1/data", value.to_string());
+    }
+    let (status, ()) = tokio::join!(hub.manager.stop_hub("h1"), async {
+        // This runtime has one thread: yielding lets the manager and the supervisor pass the
+        // stop on to the parser's token before its commit returns.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        store.release_batches();
+    });
+    assert_eq!(status.unwrap().state, ParserState::Stopped);
+    assert_eq!(
+        store.row_count(),
+        10,
+        "every delivered message committed by the stop"
+    );
+    assert_eq!(hub.bus.unacknowledged("polyhub-parser-h1"), 0);
+    hub.stop().await;
+}
+
 #[tokio::test]
 async fn a_crash_between_commit_and_ack_duplicates_nothing() {
     let store = Arc::new(MemoryStore::new());
