@@ -983,13 +983,9 @@ impl Store for SqliteStore {
         } else {
             Durability::Synced
         };
-        // One write: an error in any step rolls back the steps before it too.
+        // One write: an error in any step refuses the steps before it too.
         self.write_with(durability, move |tx| {
-            let mut last = Err(crate::no_command_change());
-            for change in &changes {
-                last = Ok(commands::transition_command(tx, change)?);
-            }
-            last
+            commands::transition_command_steps(tx, &changes)
         })
         .await
     }

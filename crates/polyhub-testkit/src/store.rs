@@ -948,7 +948,8 @@ impl Store for MemoryStore {
     }
 }
 
-/// One step of [`Store::transition_command`] on `command`, refused as SQLite refuses it.
+/// One step of [`Store::transition_command`] on `command`, by the model's rules (the SQLite
+/// store runs the same ones).
 fn apply_transition(command: &mut Command, change: CommandTransition) -> Result<(), StoreError> {
     change.check_from(command.state)?;
     command.apply(&change);

@@ -298,86 +298,58 @@ fn cursor_created_at(conn: &Connection, after: &str) -> Result<Millis, StoreErro
         .ok_or_else(|| bad_cursor(after))
 }
 
-pub(super) fn transition_command(
+/// Applies one command's `steps`, in order, as one compare-and-set write: the row is read
+/// once, each step is checked and applied by the model's rules ([`CommandTransition::check_from`],
+/// [`Command::apply`], the same code the in-memory store runs), and the result is written once,
+/// on condition that the state is still the one read. A step refused refuses them all.
+pub(super) fn transition_command_steps(
     conn: &Connection,
-    change: &CommandTransition,
+    steps: &[CommandTransition],
 ) -> Result<Command, StoreError> {
-    // Only the state is needed to decide; the whole row comes back from the update.
-    let current_state: Option<String> = conn
-        .prepare_cached("SELECT state FROM commands WHERE id = ?1")?
-        .query_row([&change.id], |row| row.get(0))
-        .optional()?;
-    let Some(current_state) = current_state else {
-        return Err(StoreError::NotFound(format!(
-            "command {:?} not found",
-            change.id
-        )));
+    let Some(first) = steps.first() else {
+        return Err(crate::no_command_change());
     };
-    let current_state = parse_state(&change.id, &current_state)?;
-    change.check_from(current_state)?;
-    let reply = change
-        .reply
-        .as_ref()
+    let mut command = get_command(conn, &first.id)?;
+    let read_state = command.state;
+    for step in steps {
+        step.check_from(command.state)?;
+        command.apply(step);
+    }
+    // Only a new reply is encoded and written: the stored text of an old one stays as it is.
+    let new_reply = steps
+        .iter()
+        .rev()
+        .find_map(|step| step.reply.as_ref())
         .map(|reply| encode_json("reply", reply))
         .transpose()?;
-    let timestamp_column = match change.to {
-        CommandState::Queued => None,
-        CommandState::Sent => Some("sent_at"),
-        CommandState::Delivered => Some("delivered_at"),
-        CommandState::Acknowledged => Some("acknowledged_at"),
-        CommandState::Expired | CommandState::Failed | CommandState::Cancelled => {
-            Some("finished_at")
-        }
-    };
-    // `queued` → `delivered` is a send the transport confirmed at once (the embedded broker
-    // routed it to the connected device): one step that also records the send.
-    let sent_and_delivered =
-        change.to == CommandState::Delivered && current_state == CommandState::Queued;
-    let attempts_increment = i64::from(change.to == CommandState::Sent || sent_and_delivered);
-    let mut timestamp_update = match timestamp_column {
-        Some(column) => format!(", {column} = ?3"),
-        None => String::new(),
-    };
-    // An answer proves the command reached the device, even when the answer overtook the
-    // transport's confirmation (which is then ignored): `delivered_at` is never later than
-    // `acknowledged_at`, and never left empty by an acknowledgement.
-    if change.to == CommandState::Acknowledged {
-        timestamp_update.push_str(", delivered_at = COALESCE(delivered_at, ?3)");
-    }
-    if sent_and_delivered {
-        timestamp_update.push_str(", sent_at = ?3");
-    }
-    // The state in the WHERE clause repeats the check above: cheap insurance that nothing
-    // changed it in between, should this ever run outside an immediate transaction.
+    // The state in the WHERE clause repeats the check: cheap insurance that nothing changed
+    // the row in between, should this ever run outside an immediate transaction.
     let updated = conn
-        .prepare_cached(&format!(
-            "UPDATE commands SET state = ?2{timestamp_update},
-                 reason = COALESCE(?4, reason),
-                 reply = COALESCE(?5, reply),
-                 attempts = attempts + ?6
-             WHERE id = ?1 AND state = ?7
-             RETURNING {COMMAND_COLUMNS}"
-        ))?
-        .query_row(
-            params![
-                change.id,
-                CommandState::as_str(change.to),
-                change.at,
-                change.reason,
-                reply,
-                attempts_increment,
-                CommandState::as_str(current_state)
-            ],
-            CommandRecord::from_row,
-        )
-        .optional()?;
-    match updated {
-        Some(record) => record.into_command(),
-        None => Err(StoreError::Conflict(format!(
+        .prepare_cached(
+            "UPDATE commands SET state = ?2, sent_at = ?3, delivered_at = ?4,
+                 acknowledged_at = ?5, finished_at = ?6, reason = ?7,
+                 reply = COALESCE(?8, reply), attempts = ?9
+             WHERE id = ?1 AND state = ?10",
+        )?
+        .execute(params![
+            command.id,
+            command.state.as_str(),
+            command.sent_at,
+            command.delivered_at,
+            command.acknowledged_at,
+            command.finished_at,
+            command.reason,
+            new_reply,
+            i64::from(command.attempts),
+            read_state.as_str(),
+        ])?;
+    if updated == 0 {
+        return Err(StoreError::Conflict(format!(
             "command {:?} changed state concurrently",
-            change.id
-        ))),
+            command.id
+        )));
     }
+    Ok(command)
 }
 
 pub(super) fn unfinished_commands(conn: &Connection) -> Result<Vec<Command>, StoreError> {
