@@ -140,8 +140,10 @@ async fn undecodable_payloads_and_foreign_topics_become_dead_letters() {
     hub.stop().await;
 }
 
-#[tokio::test]
-async fn batches_commit_by_count_and_stop_flushes_the_rest() {
+/// Hub `h1` (numbers) with device `d1`, its parser running, committing every
+/// `batch_max_messages` messages; the delay is long enough that only the count (or a stop)
+/// commits within a test.
+async fn running_number_hub(batch_max_messages: usize) -> (Arc<MemoryStore>, Fixture) {
     let store = Arc::new(MemoryStore::new());
     add_hub(
         &store,
@@ -152,13 +154,18 @@ async fn batches_commit_by_count_and_stop_flushes_the_rest() {
     .await;
     add_device(&store, "h1", "d1").await;
     let config = polyhub_hub::HubConfig {
-        batch_max_messages: 5,
-        // Long enough that only the count (or the stop) can commit within the test.
+        batch_max_messages,
         batch_max_delay_ms: 60_000,
         ..fast_config()
     };
     let hub = Fixture::start(store.clone(), config).await;
     hub.wait_running("h1").await;
+    (store, hub)
+}
+
+#[tokio::test]
+async fn batches_commit_by_count_and_stop_flushes_the_rest() {
+    let (store, hub) = running_number_hub(5).await;
 
     for value in 0..7 {
         hub.bus.publish("/h1/d1/data", value.to_string());
@@ -183,22 +190,7 @@ async fn batches_commit_by_count_and_stop_flushes_the_rest() {
 /// parser was acknowledged to them: the stop commits it, not the next start.
 #[tokio::test]
 async fn a_stop_commits_what_the_broker_has_already_handed_over() {
-    let store = Arc::new(MemoryStore::new());
-    add_hub(
-        &store,
-        "h1",
-        settings(Decoder::Number),
-        DesiredState::Running,
-    )
-    .await;
-    add_device(&store, "h1", "d1").await;
-    let config = polyhub_hub::HubConfig {
-        batch_max_messages: 4,
-        batch_max_delay_ms: 60_000,
-        ..fast_config()
-    };
-    let hub = Fixture::start(store.clone(), config).await;
-    hub.wait_running("h1").await;
+    let (store, hub) = running_number_hub(4).await;
 
     // The parser is inside a commit when the rest arrives and the stop is asked for.
     store.hold_batches();
