@@ -330,11 +330,11 @@ impl Parser {
             // cooperative budget, which would otherwise make a long queue look empty.
             let poll_once = tokio::time::timeout(Duration::ZERO, self.client.recv());
             let message = match tokio::task::unconstrained(poll_once).await {
-                Ok(received) => received?,
-                Err(_not_there_yet) => return Ok(()),
-            };
-            let Some(message) = message else {
-                return Ok(());
+                Ok(Ok(Some(message))) => message,
+                // Nothing more yet, the broker going away or a lost connection (a process
+                // parser's, closed with the devices'): the flush that follows commits what
+                // was taken, as a stop always did.
+                Ok(Ok(None) | Err(_)) | Err(_) => return Ok(()),
             };
             self.accept(message);
             if self.batch.messages.len() >= self.config.batch_max_messages {
