@@ -421,9 +421,9 @@ impl BackendClient for MqttBackend {
         }
         match answer.await {
             Ok(Ok(Routing::Matched | Routing::Unknown)) => {}
-            // An external broker tells so where our own broker's subscription events did not
-            // reach us: the device is connected but has not subscribed (yet), and the command
-            // went nowhere. It stays queued and goes out again.
+            // The broker says nobody subscribed the command topic (an external broker's MQTT 5
+            // PUBACK; with our own broker, its subscription events usually tell us before the
+            // send): the command went nowhere, so it stays queued and goes out again.
             Ok(Ok(Routing::NoSubscribers)) => {
                 return Err(BackendError::Unavailable(format!(
                     "the broker had no subscriber for {topic:?}: device {:?} has not \
