@@ -763,26 +763,21 @@ impl MqttState {
     }
 
     fn pubcomp(&mut self, comp: PubResponse, out: &mut BytesMut) {
-        let awaited = matches!(
-            self.outgoing.get(&comp.packet_id),
+        let received = match self.outgoing.get(&comp.packet_id) {
             Some(Outgoing::Publish(OutgoingPublish {
-                stage: PublishStage::AwaitingComp { .. },
+                stage: PublishStage::AwaitingComp { received },
                 ..
-            }))
-        );
-        if !awaited {
-            debug!(
-                packet_id = comp.packet_id,
-                "PUBCOMP for no released publish: ignored."
-            );
-            return;
-        }
+            })) => *received,
+            _ => {
+                debug!(
+                    packet_id = comp.packet_id,
+                    "PUBCOMP for no released publish: ignored."
+                );
+                return;
+            }
+        };
         if let Some(Outgoing::Publish(entry)) = self.outgoing.remove(&comp.packet_id) {
             self.leave_window(entry.in_window);
-            let received = match entry.stage {
-                PublishStage::AwaitingComp { received } => received,
-                PublishStage::AwaitingAck { .. } => Published::acknowledged(ReasonCode::SUCCESS),
-            };
             respond(entry.waiter, Ok(received));
         }
         self.fill_window(out);

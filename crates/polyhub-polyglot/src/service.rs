@@ -52,8 +52,8 @@ use crate::config::CommandConfig;
 use crate::id::new_command_id;
 use crate::polyglot::Polyglot;
 
-/// Longest command name, in bytes.
-pub const MAX_COMMAND_NAME_LEN: usize = 128;
+/// Longest command name, in bytes: what the store accepts.
+pub use polyhub_store::MAX_COMMAND_NAME_LEN;
 
 /// How long sending to a device waits after its client reported itself unavailable, unless
 /// the device reconnects first.

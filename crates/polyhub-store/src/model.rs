@@ -524,6 +524,20 @@ impl CommandState {
         }
     }
 
+    /// The state named `name` as [`CommandState::as_str`] spells it.
+    pub fn from_name(name: &str) -> Option<CommandState> {
+        Some(match name {
+            "queued" => CommandState::Queued,
+            "sent" => CommandState::Sent,
+            "delivered" => CommandState::Delivered,
+            "acknowledged" => CommandState::Acknowledged,
+            "expired" => CommandState::Expired,
+            "failed" => CommandState::Failed,
+            "cancelled" => CommandState::Cancelled,
+            _ => return None,
+        })
+    }
+
     /// Whether nothing more can happen to a command in this state.
     pub fn is_final(self) -> bool {
         matches!(
@@ -539,9 +553,9 @@ impl CommandState {
 /// Largest command payload accepted (JSON-encoded), in bytes.
 pub const MAX_COMMAND_PAYLOAD: usize = 64 * 1024;
 
-/// Longest command name a store accepts, in bytes (it becomes an MQTT topic level for
-/// sgframework devices).
-pub const MAX_STORED_COMMAND_NAME_LEN: usize = 128;
+/// Longest command name accepted, in bytes (it becomes an MQTT topic level for sgframework
+/// devices).
+pub const MAX_COMMAND_NAME_LEN: usize = 128;
 
 /// A command to a device, stored before it is delivered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -580,6 +594,18 @@ pub struct Command {
 }
 
 impl Command {
+    /// Takes `steps` (one command's, in order) as every store does: each must start from
+    /// the state the one before left ([`CommandTransition::check_from`]) and is then applied
+    /// ([`Command::apply`]). On a refusal the command is left part-way, so a store works on a
+    /// copy and keeps it only on success (all or none).
+    pub fn apply_steps(&mut self, steps: &[CommandTransition]) -> Result<(), StoreError> {
+        for step in steps {
+            step.check_from(self.state)?;
+            self.apply(step);
+        }
+        Ok(())
+    }
+
     /// Applies `change` as every store records it (see `Store::transition_command`), without
     /// checking `from`: the new state and its time; a send (`Sent`, or `Queued` → `Delivered`)
     /// also sets `sent_at` and counts an attempt; an acknowledgement fills an empty
@@ -632,6 +658,19 @@ pub struct NewCommandRecord {
 }
 
 impl NewCommandRecord {
+    /// The refusal of a command for a device of another hub.
+    pub fn wrong_hub(&self, device_hub: &str) -> StoreError {
+        StoreError::Invalid(format!(
+            "device {:?} belongs to hub {device_hub:?}, not {:?}",
+            self.device_id, self.hub_id
+        ))
+    }
+
+    /// The refusal of a command whose id is taken.
+    pub fn duplicate(&self) -> StoreError {
+        StoreError::Conflict(format!("command {:?} already exists", self.id))
+    }
+
     /// What every store checks of a new command before it looks at its data (ids, protocol,
     /// name, payload size), in that order; returns the payload as the JSON text to store.
     pub fn validate(&self) -> Result<String, StoreError> {
@@ -646,9 +685,9 @@ impl NewCommandRecord {
                 "command name must not be empty".to_owned(),
             ));
         }
-        if self.name.len() > MAX_STORED_COMMAND_NAME_LEN {
+        if self.name.len() > MAX_COMMAND_NAME_LEN {
             return Err(StoreError::Invalid(format!(
-                "command name is longer than {MAX_STORED_COMMAND_NAME_LEN} bytes"
+                "command name is longer than {MAX_COMMAND_NAME_LEN} bytes"
             )));
         }
         let payload = serde_json::to_string(&self.payload)
@@ -696,6 +735,20 @@ impl CommandTransition {
             current.as_str()
         )))
     }
+}
+
+/// The refusal of a page cursor (`after`) that names no command.
+pub fn unknown_command_cursor(after: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "cannot continue after command {after:?}: no such command"
+    ))
+}
+
+/// The refusal of a per-device page cursor that names another device's command.
+pub fn foreign_command_cursor(after: &str, device_id: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "cannot continue after command {after:?}: it is not a command of device {device_id:?}"
+    ))
 }
 
 /// Commands of one device (or of all devices), newest first unless `oldest_first`.

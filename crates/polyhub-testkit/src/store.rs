@@ -785,16 +785,10 @@ impl Store for MemoryStore {
             return Err(not_found("device", &command.device_id));
         };
         if device.hub_id != command.hub_id {
-            return Err(StoreError::Invalid(format!(
-                "device {:?} belongs to hub {:?}, not {:?}",
-                command.device_id, device.hub_id, command.hub_id
-            )));
+            return Err(command.wrong_hub(&device.hub_id));
         }
         if state.commands.contains_key(&command.id) {
-            return Err(StoreError::Conflict(format!(
-                "command {:?} already exists",
-                command.id
-            )));
+            return Err(command.duplicate());
         }
         // Counted over the commands, not the device: a device deleted and created again
         // continues after its old commands.
@@ -864,17 +858,12 @@ impl Store for MemoryStore {
             None => None,
             Some(after) => {
                 let Some(cursor) = state.commands.get(after) else {
-                    return Err(StoreError::Invalid(format!(
-                        "cannot continue after command {after:?}: no such command"
-                    )));
+                    return Err(polyhub_store::unknown_command_cursor(after));
                 };
                 if let Some(device_id) = &query.device_id
                     && &cursor.device_id != device_id
                 {
-                    return Err(StoreError::Invalid(format!(
-                        "cannot continue after command {after:?}: it is not a command of \
-                         device {device_id:?}"
-                    )));
+                    return Err(polyhub_store::foreign_command_cursor(after, device_id));
                 }
                 Some(key(cursor))
             }
@@ -927,9 +916,7 @@ impl Store for MemoryStore {
             .get(&id)
             .cloned()
             .ok_or_else(|| not_found("command", &id))?;
-        for change in changes {
-            apply_transition(&mut command, change)?;
-        }
+        command.apply_steps(&changes)?;
         state.commands.insert(id, command.clone());
         state.command_writes += 1;
         Ok(command)
@@ -946,12 +933,4 @@ impl Store for MemoryStore {
         items.sort_by(|a, b| (&a.device_id, a.seq).cmp(&(&b.device_id, b.seq)));
         Ok(items)
     }
-}
-
-/// One step of [`Store::transition_command`] on `command`, by the model's rules (the SQLite
-/// store runs the same ones).
-fn apply_transition(command: &mut Command, change: CommandTransition) -> Result<(), StoreError> {
-    change.check_from(command.state)?;
-    command.apply(&change);
-    Ok(())
 }

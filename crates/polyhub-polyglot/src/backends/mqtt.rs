@@ -392,7 +392,6 @@ impl BackendClient for MqttBackend {
         command: &Command,
     ) -> Result<SendOutcome, BackendError> {
         let (done, answer) = oneshot::channel();
-        let topic;
         {
             let _order = self.send_order.lock().await;
             let route = self.route(device).await?;
@@ -409,7 +408,6 @@ impl BackendClient for MqttBackend {
                     device.id, parts.message.topic
                 )));
             }
-            topic = parts.message.topic.clone();
             let request = PublishRequest {
                 message: parts.message,
                 echo: parts.echo,
@@ -426,8 +424,8 @@ impl BackendClient for MqttBackend {
             // send): the command went nowhere, so it stays queued and goes out again.
             Ok(Ok(Routing::NoSubscribers)) => {
                 return Err(BackendError::Unavailable(format!(
-                    "the broker had no subscriber for {topic:?}: device {:?} has not \
-                     subscribed to its commands (yet)",
+                    "the broker had no subscriber for the command: device {:?} has not \
+                     subscribed to its command topic (yet)",
                     device.id
                 )));
             }

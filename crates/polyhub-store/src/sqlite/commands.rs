@@ -23,18 +23,11 @@ const COMMAND_COLUMNS: &str = "id, device_id, hub_id, protocol, name, payload, s
      reply, attempts";
 
 fn parse_state(command_id: &str, text: &str) -> Result<CommandState, StoreError> {
-    match text {
-        "queued" => Ok(CommandState::Queued),
-        "sent" => Ok(CommandState::Sent),
-        "delivered" => Ok(CommandState::Delivered),
-        "acknowledged" => Ok(CommandState::Acknowledged),
-        "expired" => Ok(CommandState::Expired),
-        "failed" => Ok(CommandState::Failed),
-        "cancelled" => Ok(CommandState::Cancelled),
-        other => Err(StoreError::Backend(format!(
-            "stored state of command {command_id:?} is unknown: {other:?}"
-        ))),
-    }
+    CommandState::from_name(text).ok_or_else(|| {
+        StoreError::Backend(format!(
+            "stored state of command {command_id:?} is unknown: {text:?}"
+        ))
+    })
 }
 
 fn encode_json(what: &str, value: &serde_json::Value) -> Result<String, StoreError> {
@@ -147,10 +140,7 @@ pub(super) fn create_command(
         )));
     };
     if device_hub != command.hub_id {
-        return Err(StoreError::Invalid(format!(
-            "device {:?} belongs to hub {device_hub:?}, not {:?}",
-            command.device_id, command.hub_id
-        )));
+        return Err(command.wrong_hub(&device_hub));
     }
     let taken = conn
         .prepare_cached("SELECT 1 FROM commands WHERE id = ?1")?
@@ -158,10 +148,7 @@ pub(super) fn create_command(
         .optional()?
         .is_some();
     if taken {
-        return Err(StoreError::Conflict(format!(
-            "command {:?} already exists",
-            command.id
-        )));
+        return Err(command.duplicate());
     }
     // Counted over the commands table, not the device: a device deleted and created again
     // continues after its old commands instead of reusing their positions.
@@ -245,7 +232,7 @@ pub(super) fn list_commands(
     if !query.states.is_empty() {
         let mut placeholders = Vec::with_capacity(query.states.len());
         for state in &query.states {
-            values.push(SqlValue::Text(CommandState::as_str(*state).to_owned()));
+            values.push(SqlValue::Text(state.as_str().to_owned()));
             placeholders.push(format!("?{}", values.len()));
         }
         conditions.push(format!("state IN ({})", placeholders.join(", ")));
@@ -270,12 +257,6 @@ pub(super) fn list_commands(
     collect_commands(records)
 }
 
-fn bad_cursor(after: &str) -> StoreError {
-    StoreError::Invalid(format!(
-        "cannot continue after command {after:?}: no such command"
-    ))
-}
-
 /// The `seq` of the command a per-device page continues after; it must be that device's.
 fn cursor_seq(conn: &Connection, after: &str, device_id: &str) -> Result<i64, StoreError> {
     let found: Option<(String, i64)> = conn
@@ -283,10 +264,8 @@ fn cursor_seq(conn: &Connection, after: &str, device_id: &str) -> Result<i64, St
         .query_row([after], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     match found {
-        None => Err(bad_cursor(after)),
-        Some((owner, _)) if owner != device_id => Err(StoreError::Invalid(format!(
-            "cannot continue after command {after:?}: it is not a command of device {device_id:?}"
-        ))),
+        None => Err(unknown_command_cursor(after)),
+        Some((owner, _)) if owner != device_id => Err(foreign_command_cursor(after, device_id)),
         Some((_, seq)) => Ok(seq),
     }
 }
@@ -295,7 +274,7 @@ fn cursor_created_at(conn: &Connection, after: &str) -> Result<Millis, StoreErro
     conn.prepare_cached("SELECT created_at FROM commands WHERE id = ?1")?
         .query_row([after], |row| row.get(0))
         .optional()?
-        .ok_or_else(|| bad_cursor(after))
+        .ok_or_else(|| unknown_command_cursor(after))
 }
 
 /// Applies one command's `steps`, in order, as one compare-and-set write: the row is read
@@ -311,10 +290,7 @@ pub(super) fn transition_command_steps(
     };
     let mut command = get_command(conn, &first.id)?;
     let read_state = command.state;
-    for step in steps {
-        step.check_from(command.state)?;
-        command.apply(step);
-    }
+    command.apply_steps(steps)?;
     // Only a new reply is encoded and written: the stored text of an old one stays as it is.
     let new_reply = steps
         .iter()
@@ -378,14 +354,11 @@ mod tests {
             CommandState::Failed,
             CommandState::Cancelled,
         ] {
-            assert_eq!(
-                parse_state("c", CommandState::as_str(state)).unwrap(),
-                state
-            );
+            assert_eq!(parse_state("c", state.as_str()).unwrap(), state);
             // The stored text is the API's JSON spelling.
             assert_eq!(
                 serde_json::to_value(state).unwrap(),
-                serde_json::Value::String(CommandState::as_str(state).to_owned())
+                serde_json::Value::String(state.as_str().to_owned())
             );
         }
         assert!(matches!(
