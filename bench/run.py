@@ -135,8 +135,10 @@ BROKER_KINDS = {
     "polyhub": ("tested", NAGLE_OFF),
     "mosquitto-nodelay": ("reference", NAGLE_OFF),
     "polyhub-nagle": ("tested", NAGLE_ON),
+    # Another polyhub build (`--before-bin`) as the reference: an A/B of two builds in one run.
+    "polyhub-before": ("reference", NAGLE_OFF),
 }
-DEFAULT_BROKERS = ",".join(BROKER_KINDS)
+DEFAULT_BROKERS = "mosquitto,polyhub,mosquitto-nodelay,polyhub-nagle"
 
 
 def free_port() -> int:
@@ -378,6 +380,8 @@ class Polyhub(Broker):
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, check=False, timeout=10)
         first = (out.stdout or "").strip().splitlines()
         version = first[0] if out.returncode == 0 and first else "polyhub (no --version)"
+        if self.label.startswith("polyhub-before"):
+            return f"{version}, binary {self.binary}"
         commit = subprocess.run(
             ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
@@ -1142,9 +1146,14 @@ def comparison_targets(report: dict, pair: Comparison, main: bool) -> list[dict]
 def evaluate_targets(report: dict) -> list[dict]:
     a, b, _ = contenders(report)
     pairs = comparisons(report)
-    targets = comparison_targets(report, pairs[0], main=True)
+    # The targets are against Mosquitto; a `polyhub-before` column is an A/B of two
+    # builds, shown in the summary table only.
+    def against_mosquitto(pair: Comparison) -> bool:
+        return not pair.reference.startswith("polyhub-before")
+
+    targets = comparison_targets(report, pairs[0], main=True) if against_mosquitto(pairs[0]) else []
     for pair in pairs[1:]:
-        if pair.like_for_like:
+        if pair.like_for_like and against_mosquitto(pair):
             targets += comparison_targets(report, pair, main=False)
     roles = report.get("roles", {})
     tested = [label for label in report["brokers"] if roles.get(label) == "tested"] or [b]
@@ -1199,6 +1208,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 repetition, short runs, 2,000 idle clients")
     parser.add_argument("--broker-bin", help="polyhub binary to test (default: cargo build --release -p polyhub)")
+    parser.add_argument(
+        "--before-bin",
+        help="another polyhub binary, raced as the reference kind `polyhub-before` (an A/B of two builds)",
+    )
     parser.add_argument("--mosquitto-bin", default=shutil.which("mosquitto") or "/usr/sbin/mosquitto")
     parser.add_argument(
         "--only",
@@ -1240,6 +1253,10 @@ def make_broker(kind: str, label: str, args: argparse.Namespace, polyhub_bin: st
     if kind in ("polyhub", "polyhub-nagle"):
         assert polyhub_bin is not None
         return Polyhub(label, cpu, polyhub_bin, nodelay=kind == "polyhub")
+    if kind == "polyhub-before":
+        if not args.before_bin:
+            raise SystemExit("--brokers polyhub-before needs --before-bin PATH")
+        return Polyhub(label, cpu, args.before_bin, nodelay=True)
     raise SystemExit(f"unknown broker {kind!r} (one of {', '.join(BROKER_KINDS)})")
 
 

@@ -8,6 +8,16 @@
 //! the session's queue (which also signals a takeover), the keep-alive deadline, and shutdown.
 //! Each turn handles every packet the read buffer holds, moves queued deliveries into flight
 //! and into the write buffer, and the next wait writes all of it at once.
+//!
+//! Lazy reads: a subscriber that only acknowledges what it receives (PUBACK, PUBREC, PUBCOMP)
+//! woke the broker for each acknowledgement, although nothing waits for one: it only frees a
+//! slot of the in-flight window. After [`LAZY_AFTER_ACK_READS`] such reads in a row, the
+//! connection turns lazy ([`LazyReads`]): the kernel no longer wakes us for its small input,
+//! and each loop turn (which the next delivery brings) reads what came meanwhile, before it
+//! fills the window again. Any other packet ends lazy mode at once; so do a full in-flight
+//! window, and a connection with nothing left in flight at the next [`LAZY_POLL`]. What a lazy
+//! client sends other than acknowledgements therefore waits for our next delivery to it or at
+//! most [`LAZY_POLL`]; its end of stream and errors still wake us at once. Plain TCP only.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -26,7 +36,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::alias::{InboundAliases, OutboundAlias, OutboundAliases};
 use crate::broker::{ConnectionSlot, Shared};
-use crate::connection::{Connection, IoEvent};
+use crate::connection::{Connection, IoEvent, PlainSocket};
 use crate::message::{Delivery, Message};
 use crate::session::{Awaiting, Inflight, Session, SessionKind};
 use crate::stats::Stats;
@@ -97,7 +107,7 @@ pub(crate) fn run<S>(
     slot: ConnectionSlot,
 ) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + PlainSocket + 'static,
 {
     // The handshake and the close are boxed: their futures are large and short-lived, and
     // boxing keeps them out of the task's allocation, which an idle connection holds for hours.
@@ -115,7 +125,7 @@ where
 /// Read CONNECT (within the timeout) and answer it; `None` when the connection was closed.
 async fn handshake<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr) -> Option<Client<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + PlainSocket + 'static,
 {
     let mut conn = Connection::new(stream);
     let connect = tokio::select! {
@@ -234,6 +244,60 @@ impl Exit {
     }
 }
 
+/// Reads in a row that carried only acknowledgements before a connection turns lazy (see
+/// the module docs).
+const LAZY_AFTER_ACK_READS: u8 = 8;
+
+/// The longest a lazy connection's input waits to be read when no delivery brings us to it.
+const LAZY_POLL: Duration = Duration::from_millis(2);
+
+/// When a connection is read lazily (see the module docs): the policy alone, without I/O.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct LazyReads {
+    lazy: bool,
+    /// Reads in a row that carried only acknowledgements, while not lazy.
+    ack_only_reads: u8,
+}
+
+impl LazyReads {
+    /// After a read that decoded packets, `only_acks` if every one was PUBACK, PUBREC or
+    /// PUBCOMP: the mode to switch to, if it should change.
+    fn after_read(&mut self, only_acks: bool) -> Option<bool> {
+        if !only_acks {
+            self.ack_only_reads = 0;
+            return self.lazy.then_some(false);
+        }
+        if self.lazy {
+            return None;
+        }
+        self.ack_only_reads = self.ack_only_reads.saturating_add(1);
+        (self.ack_only_reads >= LAZY_AFTER_ACK_READS).then_some(true)
+    }
+
+    /// Before the loop waits: a full in-flight window needs its acknowledgements as they come.
+    fn before_wait(&mut self, window_full: bool) -> Option<bool> {
+        if self.lazy && window_full {
+            self.ack_only_reads = 0;
+            return Some(false);
+        }
+        None
+    }
+
+    /// At a lazy poll that found nothing left in flight: the stream of deliveries stopped.
+    fn on_quiet(&mut self) -> Option<bool> {
+        if self.lazy {
+            self.ack_only_reads = 0;
+            return Some(false);
+        }
+        None
+    }
+
+    /// The mode the socket is now in (a switch may fail, e.g. on a TLS stream).
+    fn set(&mut self, lazy: bool) {
+        self.lazy = lazy;
+    }
+}
+
 /// What woke the packet loop.
 enum Event {
     Io(IoEvent),
@@ -291,6 +355,9 @@ struct Client<S> {
     /// it drains or `paused_until`.
     backlog: Option<Arc<Session>>,
     paused_until: Instant,
+    lazy: LazyReads,
+    /// The last fill stopped at the in-flight limit with deliveries still queued.
+    window_full: bool,
 }
 
 /// Outcome of looking up the session for a CONNECT.
@@ -304,7 +371,7 @@ struct Acquired {
 
 impl<S> Client<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + PlainSocket,
 {
     /// Answer CONNECT. `None` when the connection was refused (and closed).
     async fn accept(
@@ -497,6 +564,8 @@ where
             counters: Counters::default(),
             backlog: None,
             paused_until: Instant::now(),
+            lazy: LazyReads::default(),
+            window_full: false,
             shared,
         };
 
@@ -566,8 +635,27 @@ where
             if self.shared.shutdown.is_cancelled() {
                 return Exit::Shutdown;
             }
+            // Not while paused for a backlog: then the client's input waits in its socket.
+            if self.lazy.lazy
+                && self.backlog.is_none()
+                && let Err(exit) = self.read_lazily()
+            {
+                return exit;
+            }
+            if self.lazy.lazy {
+                // Whichever comes first: the keep-alive deadline or the next lazy poll.
+                let poll_at = Instant::now() + LAZY_POLL;
+                let deadline = self
+                    .keep_alive
+                    .map_or(poll_at, |period| (self.last_packet + period).min(poll_at));
+                keep_alive_timer.as_mut().reset(deadline);
+            }
             if self.fill() {
                 return Exit::TakenOver;
+            }
+            let window_full = self.window_full;
+            if let Some(lazy) = self.lazy.before_wait(window_full) {
+                self.switch_lazy(lazy);
             }
             self.flush_counters();
             // At the high-water mark `fill` moved nothing: the wait must end when the write
@@ -587,7 +675,7 @@ where
                     // Always listened to, even with a full write buffer: it also signals
                     // takeover.
                     () = self.session.notify.notified() => Event::Queued,
-                    () = keep_alive_timer.as_mut(), if self.keep_alive.is_some() => Event::KeepAlive,
+                    () = keep_alive_timer.as_mut(), if self.keep_alive.is_some() || self.lazy.lazy => Event::KeepAlive,
                 }
             };
             match event {
@@ -617,12 +705,22 @@ where
                 Event::Io(IoEvent::Eof) => return Exit::Closed("closed by the client".into()),
                 Event::IoError(error) => return Exit::Closed(error.to_string()),
                 Event::KeepAlive => {
-                    let period = self.keep_alive.unwrap_or_default();
-                    let deadline = self.last_packet + period;
-                    if Instant::now() >= deadline {
-                        return Exit::KeepAliveTimeout;
+                    if self.lazy.lazy {
+                        if let Err(exit) = self.read_lazily() {
+                            return exit;
+                        }
+                        let quiet = self.session.state.lock().inflight.is_empty();
+                        if quiet && let Some(lazy) = self.lazy.on_quiet() {
+                            self.switch_lazy(lazy);
+                        }
                     }
-                    keep_alive_timer.as_mut().reset(deadline);
+                    if let Some(period) = self.keep_alive {
+                        let deadline = self.last_packet + period;
+                        if Instant::now() >= deadline {
+                            return Exit::KeepAliveTimeout;
+                        }
+                        keep_alive_timer.as_mut().reset(deadline);
+                    }
                 }
             }
         }
@@ -657,12 +755,17 @@ where
     fn handle_input(&mut self) -> Result<(), Exit> {
         let max_packet_size = self.shared.config.max_packet_size as usize;
         let mut received = false;
+        let mut only_acks = true;
         let result = loop {
             match decode(&mut self.conn.read_buf, self.conn.version, max_packet_size) {
                 // Handled by reference: a `Packet` is large, and moving it down through the
                 // handlers copied it at every step.
                 Ok(Some(mut packet)) => {
                     received = true;
+                    only_acks &= matches!(
+                        packet,
+                        Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)
+                    );
                     self.counters.packets_in += 1;
                     if let Err(exit) = self.handle_packet(&mut packet) {
                         break Err(exit);
@@ -674,8 +777,35 @@ where
         };
         if received {
             self.last_packet = Instant::now();
+            if let Some(lazy) = self.lazy.after_read(only_acks) {
+                self.switch_lazy(lazy);
+            }
         }
         result
+    }
+
+    /// Reads and handles what a lazy connection's socket holds now.
+    fn read_lazily(&mut self) -> Result<(), Exit> {
+        match self.conn.read_now() {
+            Ok(Some(0)) => Ok(()),
+            Ok(Some(_)) => self.handle_input(),
+            Ok(None) => Err(Exit::Closed("closed by the client".into())),
+            Err(error) => Err(Exit::Closed(error.to_string())),
+        }
+    }
+
+    /// Puts the socket in lazy mode or takes it out; the policy learns the mode it is in.
+    fn switch_lazy(&mut self, lazy: bool) {
+        if self.lazy.lazy == lazy || !self.conn.set_lazy(lazy) {
+            return;
+        }
+        self.lazy.set(lazy);
+        let gauge = &self.shared.stats.clients_read_lazily;
+        if lazy {
+            Stats::add(gauge, 1);
+        } else {
+            Stats::sub(gauge, 1);
+        }
     }
 
     fn handle_packet(&mut self, packet: &mut Packet) -> Result<(), Exit> {
@@ -972,6 +1102,7 @@ where
     /// taken the session over (nothing is moved then).
     fn fill(&mut self) -> bool {
         self.more_queued = false;
+        self.window_full = false;
         let now = Instant::now();
         let mut batch = take_fill_scratch();
         let taken_over = self.fill_with(&mut batch, now);
@@ -998,6 +1129,7 @@ where
                     };
                     let qos = front.qos;
                     if qos != QoS::AtMostOnce && state.inflight.len() >= self.inflight_limit {
+                        self.window_full = true;
                         break;
                     }
                     let Some(delivery) = state.queue.pop_front() else {
@@ -1187,6 +1319,9 @@ where
         }
         self.detach(&exit);
         Stats::sub(&self.shared.stats.clients_connected, 1);
+        if self.lazy.lazy {
+            Stats::sub(&self.shared.stats.clients_read_lazily, 1);
+        }
         self.conn.close(CLOSE_TIMEOUT).await;
         self.flush_counters();
     }
@@ -1487,4 +1622,66 @@ pub(crate) fn spawn_expiry_timer(
         tracing::debug!(client_id = %session.client_id, "Session expired.");
         shared.end_session(&session);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy_after_acks() -> LazyReads {
+        let mut policy = LazyReads::default();
+        for _ in 1..LAZY_AFTER_ACK_READS {
+            assert_eq!(policy.after_read(true), None);
+        }
+        assert_eq!(policy.after_read(true), Some(true));
+        policy.set(true);
+        policy
+    }
+
+    #[test]
+    fn a_run_of_acknowledgement_only_reads_turns_a_connection_lazy() {
+        let policy = lazy_after_acks();
+        assert!(policy.lazy);
+    }
+
+    #[test]
+    fn any_other_packet_breaks_the_run_and_ends_lazy_mode() {
+        let mut policy = LazyReads::default();
+        for _ in 1..LAZY_AFTER_ACK_READS {
+            policy.after_read(true);
+        }
+        assert_eq!(policy.after_read(false), None, "not lazy: nothing to end");
+        assert_eq!(policy.after_read(true), None, "the run starts again");
+
+        let mut policy = lazy_after_acks();
+        assert_eq!(policy.after_read(true), None, "stays lazy");
+        assert_eq!(policy.after_read(false), Some(false));
+        policy.set(false);
+        assert_eq!(policy.after_read(true), None, "a new run is needed");
+    }
+
+    #[test]
+    fn a_full_window_or_a_quiet_connection_ends_lazy_mode() {
+        let mut policy = lazy_after_acks();
+        assert_eq!(policy.before_wait(false), None);
+        assert_eq!(policy.before_wait(true), Some(false));
+
+        let mut policy = lazy_after_acks();
+        assert_eq!(policy.on_quiet(), Some(false));
+
+        let mut not_lazy = LazyReads::default();
+        assert_eq!(not_lazy.before_wait(true), None);
+        assert_eq!(not_lazy.on_quiet(), None);
+    }
+
+    #[test]
+    fn a_switch_that_did_not_happen_leaves_the_policy_where_it_was() {
+        // A TLS stream refuses lazy mode: the policy keeps asking after each run.
+        let mut policy = LazyReads::default();
+        for _ in 0..LAZY_AFTER_ACK_READS {
+            policy.after_read(true);
+        }
+        assert!(!policy.lazy);
+        assert_eq!(policy.after_read(true), Some(true));
+    }
 }

@@ -9,6 +9,10 @@
 //! socket is full keeps being read (so its PINGREQs, PUBACKs and DISCONNECT are seen), and one
 //! that stops reading only fills our write buffer up to a bound, after which we stop reading
 //! from it too.
+//!
+//! Lazy reads ([`Connection::set_lazy`], [`Connection::read_now`]): a plain TCP connection can
+//! ask the kernel not to wake us for small amounts of input, and be read by the client's own
+//! loop instead; `client.rs` says when that is worth it.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -24,6 +28,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Bytes read from the socket per read call.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// The receive low-water mark of a lazy connection: less input than this does not wake us.
+/// Far above a burst of acknowledgements, and below what Linux allows (half the largest
+/// receive buffer).
+const LAZY_LOW_WATER_MARK: u32 = 64 * 1024;
+
+/// Bytes a lazy read takes per call: acknowledgements are 4 bytes each.
+const LAZY_READ_CHUNK: usize = 4 * 1024;
 
 /// Above this many unsent bytes we stop reading from the client (it is not reading ours).
 const WRITE_BUFFER_LIMIT: usize = 1024 * 1024;
@@ -81,6 +93,24 @@ pub(crate) enum IoEvent {
     Drained,
     /// The peer closed its side.
     Eof,
+}
+
+/// The plain TCP socket under a stream, for lazy reads; `None` where the stream keeps input
+/// of its own that the socket does not show (TLS), so such connections are never lazy.
+pub(crate) trait PlainSocket {
+    fn plain_socket(&self) -> Option<&tokio::net::TcpStream>;
+}
+
+impl PlainSocket for tokio::net::TcpStream {
+    fn plain_socket(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self)
+    }
+}
+
+impl<IO> PlainSocket for tokio_rustls::server::TlsStream<IO> {
+    fn plain_socket(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
 }
 
 /// A client's socket with its buffers.
@@ -211,6 +241,52 @@ where
             }
         })
         .await;
+    }
+
+    /// Makes the kernel wake us for this socket's input only once a lot of it is queued, or at
+    /// its end, or on an error (`lazy`), or for any input again. Returns whether the mode
+    /// changed: a stream without a plain socket, or a refused option, stays as it was.
+    pub(crate) fn set_lazy(&mut self, lazy: bool) -> bool
+    where
+        S: PlainSocket,
+    {
+        let Some(socket) = self.stream.plain_socket() else {
+            return false;
+        };
+        let mark = if lazy { LAZY_LOW_WATER_MARK } else { 1 };
+        polyhub_sockopt::set_receive_low_water_mark(socket, mark).is_ok()
+    }
+
+    /// Reads whatever the socket holds now, without waiting and whatever tokio last heard of
+    /// its readiness (a lazy socket's small input never made it readable). Returns the bytes
+    /// read, `None` at the end of the stream.
+    pub(crate) fn read_now(&mut self) -> io::Result<Option<usize>>
+    where
+        S: PlainSocket,
+    {
+        let Some(socket) = self.stream.plain_socket() else {
+            return Ok(Some(0));
+        };
+        let socket = socket2::SockRef::from(socket);
+        let mut chunk = [0; LAZY_READ_CHUNK];
+        let mut total = 0;
+        loop {
+            let read = match std::io::Read::read(&mut &*socket, &mut chunk) {
+                Ok(read) => read,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Some(total)),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            };
+            if read == 0 {
+                return Ok(if total == 0 { None } else { Some(total) });
+            }
+            self.read_buf.extend_from_slice(&chunk[..read]);
+            self.bytes_read += read as u64;
+            total += read;
+            if read < LAZY_READ_CHUNK {
+                return Ok(Some(total));
+            }
+        }
     }
 
     fn poll_io(&mut self, cx: &mut Context<'_>, report_drained: bool) -> Poll<io::Result<IoEvent>> {

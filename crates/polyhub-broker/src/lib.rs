@@ -14,7 +14,8 @@
 //! - `subscriptions` / `retained`: the subscription trie (with `$share` groups) and the retained
 //!   message store.
 //! - `client` / `connection`: one task per network connection (CONNECT handshake, packet loop)
-//!   and its socket with read and write buffers; `session`: per-client-id state (queue,
+//!   and its socket with read and write buffers (and the lazy reads of subscribers that only
+//!   acknowledge); `session`: per-client-id state (queue,
 //!   inflight, QoS 2 ids); `router`: fan-out of a message to matching sessions; `message`: the
 //!   shared message type; `alias`: MQTT 5 topic aliases; `local`: in-process clients; `sys`:
 //!   the `$SYS` publisher. `docs/broker.md` describes the design.

@@ -42,6 +42,9 @@ pub struct Stats {
     pub subscriptions: AtomicU64,
     /// Messages stored for sessions (queued and in flight).
     pub messages_stored: AtomicU64,
+    /// Connections read lazily now: their acknowledgements are taken in by the loop turns
+    /// that deliveries bring, not by a wake-up each (see `client.rs`). Not in `$SYS`.
+    pub clients_read_lazily: AtomicU64,
     /// Load averages, advanced by [`Stats::sys_messages`].
     load: Mutex<LoadAverages>,
 }
