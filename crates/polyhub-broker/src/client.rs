@@ -705,7 +705,7 @@ where
                 Event::Io(IoEvent::Eof) => return Exit::Closed("closed by the client".into()),
                 Event::IoError(error) => return Exit::Closed(error.to_string()),
                 Event::KeepAlive => {
-                    if self.lazy.lazy {
+                    if self.lazy.lazy && self.backlog.is_none() {
                         if let Err(exit) = self.read_lazily() {
                             return exit;
                         }

@@ -30,9 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 const READ_CHUNK: usize = 16 * 1024;
 
 /// The receive low-water mark of a lazy connection: less input than this does not wake us.
-/// Far above a burst of acknowledgements, and below what Linux allows (half the largest
-/// receive buffer).
-const LAZY_LOW_WATER_MARK: u32 = 64 * 1024;
+/// Thousands of acknowledgements, yet well under half the default receive buffer, above which
+/// Linux resizes the buffer and its window clamp to fit the mark.
+const LAZY_LOW_WATER_MARK: u32 = 16 * 1024;
 
 /// Bytes a lazy read takes per call: acknowledgements are 4 bytes each.
 const LAZY_READ_CHUNK: usize = 4 * 1024;
