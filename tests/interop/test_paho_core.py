@@ -195,6 +195,25 @@ def test_sys_topics_only_for_explicit_sys_subscriptions(broker, clients, version
     assert not [t for t in seen if t.startswith("$")], f"'#' matched $-topics: {seen}"
 
 
+def test_clients_cannot_publish_to_sys_topics(broker, clients, version):
+    """`$SYS` is the broker's (Mosquitto refuses client writes there too): a forged retained
+    statistic reaches nobody and is not kept, at any QoS."""
+    broker.restart(sys_interval=0)
+    watcher = clients(broker, version).connect()
+    watcher.subscribe("$SYS/#", 1)
+    marker = unique("interop/after-sys/")
+    watcher.subscribe(marker, 1)
+    intruder = clients(broker, version).connect()
+    for qos in (0, 1, 2):
+        intruder.publish("$SYS/broker/uptime", b"forged", qos=qos, retain=True)
+    intruder.publish(marker, b"marker", qos=1)
+    first = watcher.expect_one()
+    assert (first.topic, first.payload) == (marker, b"marker")
+    late = clients(broker, version).connect()
+    late.subscribe("$SYS/broker/uptime", 1)
+    late.expect_nothing()
+
+
 # ----- last will --------------------------------------------------------------------------------
 
 

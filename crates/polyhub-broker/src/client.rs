@@ -244,6 +244,21 @@ impl Exit {
     }
 }
 
+/// Topics a network client may not publish to, as in Mosquitto: `$SYS` (the broker's own
+/// statistics, which a retained message from a client would overwrite), except the
+/// `$SYS/broker/connection/...` state that bridges publish about themselves, and `$share` (the
+/// prefix of shared subscriptions, which no topic filter can match as a topic).
+fn reserved_for_the_broker(topic: &str) -> bool {
+    if topic.starts_with("$SYS/broker/connection/") {
+        return false;
+    }
+    ["$SYS", "$share"].iter().any(|prefix| {
+        topic
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
+}
+
 /// Reads in a row that carried only acknowledgements before a connection turns lazy (see
 /// the module docs).
 const LAZY_AFTER_ACK_READS: u8 = 8;
@@ -853,6 +868,9 @@ where
             ));
         }
         let packet_id = publish.packet_id;
+        if reserved_for_the_broker(&publish.topic) {
+            return self.refuse_publish(publish);
+        }
         match publish.qos {
             QoS::AtMostOnce => {
                 self.route(publish);
@@ -881,6 +899,32 @@ where
                 let matched = self.route(publish);
                 self.send(&Packet::PubRec(self.publish_response(packet_id, matched)))
             }
+        }
+    }
+
+    /// A client's PUBLISH to a topic only the broker writes: neither routed nor retained. MQTT 5
+    /// clients hear "not authorized" (0x87) at QoS 1 and 2; a 3.x acknowledgement cannot say no,
+    /// so they get the usual flow for a message that went nowhere (as from Mosquitto).
+    fn refuse_publish(&mut self, publish: &Publish) -> Result<(), Exit> {
+        tracing::debug!(
+            client_id = %self.session.client_id,
+            topic = %publish.topic,
+            "Client PUBLISH to a topic reserved for the broker dropped."
+        );
+        let packet_id = publish.packet_id;
+        let refusal = if self.v5 {
+            PubResponse {
+                reason_code: ReasonCode::NOT_AUTHORIZED,
+                ..PubResponse::success(packet_id)
+            }
+        } else {
+            PubResponse::success(packet_id)
+        };
+        match publish.qos {
+            QoS::AtMostOnce => Ok(()),
+            QoS::AtLeastOnce => self.send(&Packet::PubAck(refusal)),
+            // A 3.x client goes on with PUBREL, answered like any PUBREL for an id not held.
+            QoS::ExactlyOnce => self.send(&Packet::PubRec(refusal)),
         }
     }
 
@@ -1672,6 +1716,30 @@ mod tests {
         let mut not_lazy = LazyReads::default();
         assert_eq!(not_lazy.before_wait(true), None);
         assert_eq!(not_lazy.on_quiet(), None);
+    }
+
+    #[test]
+    fn sys_and_share_topics_are_the_brokers() {
+        for topic in [
+            "$SYS",
+            "$SYS/broker/uptime",
+            "$SYS/",
+            "$share/group/x",
+            "$share",
+        ] {
+            assert!(reserved_for_the_broker(topic), "{topic}");
+        }
+        for topic in [
+            "$SYSTEM/x",
+            "$sys/broker",
+            "SYS/x",
+            "a/$SYS",
+            "$shared/x",
+            "$other/x",
+            "$SYS/broker/connection/bridge-1/state",
+        ] {
+            assert!(!reserved_for_the_broker(topic), "{topic}");
+        }
     }
 
     #[test]
