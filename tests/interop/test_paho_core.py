@@ -214,6 +214,17 @@ def test_clients_cannot_publish_to_sys_topics(broker, clients, version):
     late.expect_nothing()
 
 
+@pytest.mark.parametrize("old_version", ["v31", "v311"])
+def test_a_3x_client_above_max_keep_alive_is_refused(broker, clients, old_version):
+    """A 3.x client cannot be told a lower keep-alive (MQTT 5's server keep-alive): refused
+    with "identifier rejected", as Mosquitto does."""
+    broker.restart(max_keep_alive=10)
+    eager = clients(broker, old_version, keepalive=60)
+    assert eager.start().rc == 2
+    modest = clients(broker, old_version, keepalive=10).connect()
+    assert modest.connack.rc == 0
+
+
 # ----- last will --------------------------------------------------------------------------------
 
 

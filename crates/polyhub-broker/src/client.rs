@@ -244,6 +244,12 @@ impl Exit {
     }
 }
 
+/// Whether a client's keep-alive exceeds `max_keep_alive`; 0 (none) counts as above any limit
+/// but the unlimited 65,535.
+fn keep_alive_over_limit(keep_alive: u16, max_keep_alive: u16) -> bool {
+    keep_alive > max_keep_alive || (keep_alive == 0 && max_keep_alive != u16::MAX)
+}
+
 /// Topics a network client may not publish to, as in Mosquitto: `$SYS` (the broker's own
 /// statistics, which a retained message from a client would overwrite), except the
 /// `$SYS/broker/connection/...` state that bridges publish about themselves, and `$share` (the
@@ -423,6 +429,23 @@ where
             return None;
         }
 
+        if !v5 && keep_alive_over_limit(connect.keep_alive, config.max_keep_alive) {
+            // A 3.x client cannot be told a lower keep-alive; Mosquitto refuses it the same way.
+            tracing::info!(
+                %peer,
+                keep_alive = connect.keep_alive,
+                limit = config.max_keep_alive,
+                "Connection refused: keep-alive above max_keep_alive."
+            );
+            refuse(
+                &mut conn,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                "keep-alive above the broker's maximum",
+            )
+            .await;
+            return None;
+        }
+
         let mut assigned_client_id = None;
         let client_id = if connect.client_id.is_empty() {
             let allowed = match version {
@@ -489,10 +512,7 @@ where
 
         let mut keep_alive = connect.keep_alive;
         let mut server_keep_alive = None;
-        if v5
-            && (keep_alive > config.max_keep_alive
-                || (keep_alive == 0 && config.max_keep_alive != u16::MAX))
-        {
+        if v5 && keep_alive_over_limit(keep_alive, config.max_keep_alive) {
             keep_alive = config.max_keep_alive;
             server_keep_alive = Some(keep_alive);
         }
@@ -1716,6 +1736,15 @@ mod tests {
         let mut not_lazy = LazyReads::default();
         assert_eq!(not_lazy.before_wait(true), None);
         assert_eq!(not_lazy.on_quiet(), None);
+    }
+
+    #[test]
+    fn no_keep_alive_is_over_every_limit_but_the_unlimited_one() {
+        assert!(!keep_alive_over_limit(60, 60));
+        assert!(keep_alive_over_limit(61, 60));
+        assert!(keep_alive_over_limit(0, 60));
+        assert!(!keep_alive_over_limit(0, u16::MAX));
+        assert!(!keep_alive_over_limit(u16::MAX, u16::MAX));
     }
 
     #[test]

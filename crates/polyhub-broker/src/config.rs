@@ -156,8 +156,9 @@ pub struct BrokerConfig {
     pub queue_full_policy: QueueFullPolicy,
     /// Whether QoS 0 messages are queued for offline persistent sessions (Mosquitto: no).
     pub queue_qos0_messages: bool,
-    /// Highest keep-alive accepted, in seconds; a larger one is lowered and, for MQTT 5, the
-    /// client is told through server keep-alive.
+    /// Highest keep-alive accepted, in seconds: an MQTT 5 client asking for more (or for none)
+    /// is told a lower one through server keep-alive; a 3.x client, which cannot be told, is
+    /// refused. `u16::MAX` accepts every keep-alive.
     pub max_keep_alive: u16,
     /// Highest topic alias a client may use towards us (MQTT 5).
     pub topic_alias_maximum: u16,

@@ -411,3 +411,49 @@ async fn invalid_utf8_topic_is_malformed_and_publishes_the_will() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_3x_client_above_max_keep_alive_is_refused_as_mosquitto_does() {
+    bounded(async {
+        let broker = start(BrokerConfig {
+            max_keep_alive: 30,
+            ..config()
+        })
+        .await;
+        for version in [ProtocolVersion::V31, ProtocolVersion::V311] {
+            // Above the limit, or none at all: a 3.x client cannot be told a lower one.
+            for keep_alive in [31, 600, 0] {
+                let mut request = connect(version, "ka-3x");
+                request.keep_alive = keep_alive;
+                let (mut client, connack) = Client::connect(broker.addr, request).await;
+                assert_eq!(
+                    connack.reason_code,
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                    "{version:?} keep-alive {keep_alive}: identifier rejected (3.x code 2)"
+                );
+                client.expect_close().await;
+            }
+            let mut request = connect(version, "ka-3x");
+            request.keep_alive = 30;
+            let (client, connack) = Client::connect(broker.addr, request).await;
+            assert_eq!(connack.reason_code, ReasonCode::SUCCESS);
+            client.disconnect().await;
+        }
+        broker.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_keep_alive_limit_a_3x_client_may_have_none() {
+    bounded(async {
+        let broker = start(config()).await;
+        let mut request = connect(ProtocolVersion::V311, "no-ka");
+        request.keep_alive = 0;
+        let (client, connack) = Client::connect(broker.addr, request).await;
+        assert_eq!(connack.reason_code, ReasonCode::SUCCESS);
+        client.disconnect().await;
+        broker.stop().await;
+    })
+    .await;
+}
