@@ -37,6 +37,11 @@ const LAZY_LOW_WATER_MARK: u32 = 16 * 1024;
 /// Bytes a lazy read takes per call: acknowledgements are 4 bytes each.
 const LAZY_READ_CHUNK: usize = 4 * 1024;
 
+/// Most read calls one lazy read makes, so that a client sending fast cannot keep a turn of
+/// its task reading; what is left is read at the next turn, or wakes us as usual once it
+/// reaches the low-water mark.
+const LAZY_READ_CALLS: usize = 4;
+
 /// Above this many unsent bytes we stop reading from the client (it is not reading ours).
 const WRITE_BUFFER_LIMIT: usize = 1024 * 1024;
 
@@ -270,7 +275,7 @@ where
         let socket = socket2::SockRef::from(socket);
         let mut chunk = [0; LAZY_READ_CHUNK];
         let mut total = 0;
-        loop {
+        for _ in 0..LAZY_READ_CALLS {
             let read = match std::io::Read::read(&mut &*socket, &mut chunk) {
                 Ok(read) => read,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(Some(total)),
@@ -284,9 +289,10 @@ where
             self.bytes_read += read as u64;
             total += read;
             if read < LAZY_READ_CHUNK {
-                return Ok(Some(total));
+                break;
             }
         }
+        Ok(Some(total))
     }
 
     fn poll_io(&mut self, cx: &mut Context<'_>, report_drained: bool) -> Poll<io::Result<IoEvent>> {

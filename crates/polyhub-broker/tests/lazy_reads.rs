@@ -178,3 +178,32 @@ async fn a_small_receive_maximum_still_gets_every_message_in_order() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_large_publish_from_a_lazy_subscriber_is_read_whole() {
+    bounded(async {
+        let broker = start(config()).await;
+        let mut subscriber = broker.client(ProtocolVersion::V311, "big-sub").await;
+        subscriber.subscribe("big/down", QoS::AtLeastOnce).await;
+        let mut publisher = broker.client(ProtocolVersion::V311, "big-pub").await;
+        publisher.subscribe("big/up", QoS::AtLeastOnce).await;
+
+        acknowledged_rounds(&mut publisher, &mut subscriber, "big/down").await;
+        until_lazily_read(&broker, 1).await;
+
+        // Larger than the low-water mark and than what one lazy read takes.
+        let payload: Vec<u8> = (0..200_000u32).map(|n| n as u8).collect();
+        let reason = subscriber
+            .publish("big/up", &payload, QoS::AtLeastOnce, false)
+            .await;
+        assert_eq!(reason, ReasonCode::SUCCESS);
+        let up = publisher.recv_publish_acked().await;
+        assert_eq!(up.payload, payload.as_slice());
+        until_lazily_read(&broker, 0).await;
+
+        subscriber.disconnect().await;
+        publisher.disconnect().await;
+        broker.stop().await;
+    })
+    .await;
+}
