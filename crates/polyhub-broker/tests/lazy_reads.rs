@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Client, TestBroker, WAIT, bounded, config, connect, start, will};
-use polyhub_mqtt::{Properties, ProtocolVersion, QoS, ReasonCode};
+use polyhub_mqtt::{Connect, Properties, ProtocolVersion, QoS, ReasonCode};
 
 /// More acknowledgement-only reads than it takes to turn lazy.
 const ROUNDS: u16 = 20;
@@ -49,17 +49,38 @@ async fn acknowledged_rounds(publisher: &mut Client, subscriber: &mut Client, to
     }
 }
 
+/// A subscriber (connecting with `subscriber`) to `{name}/down`, made lazy by a run of
+/// acknowledged deliveries, and the publisher of those, itself subscribed to `{name}/up`.
+async fn lazy_pair(broker: &TestBroker, subscriber: Connect, name: &str) -> (Client, Client) {
+    let (mut lazy, connack) = Client::connect(broker.addr, subscriber).await;
+    assert_eq!(connack.reason_code, ReasonCode::SUCCESS);
+    lazy.subscribe(&format!("{name}/down"), QoS::AtLeastOnce)
+        .await;
+    let mut publisher = broker
+        .client(ProtocolVersion::V5, &format!("{name}-pub"))
+        .await;
+    publisher
+        .subscribe(&format!("{name}/up"), QoS::AtLeastOnce)
+        .await;
+    acknowledged_rounds(&mut publisher, &mut lazy, &format!("{name}/down")).await;
+    until_lazily_read(broker, 1).await;
+    (lazy, publisher)
+}
+
+/// Disconnects the clients still connected and stops the broker.
+async fn finish(broker: TestBroker, clients: Vec<Client>) {
+    for client in clients {
+        client.disconnect().await;
+    }
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_lazy_subscriber_that_publishes_is_heard_and_woken_again() {
     bounded(async {
         let broker = start(config()).await;
-        let mut subscriber = broker.client(ProtocolVersion::V311, "lazy-sub").await;
-        subscriber.subscribe("lazy/down", QoS::AtLeastOnce).await;
-        let mut publisher = broker.client(ProtocolVersion::V5, "lazy-pub").await;
-        publisher.subscribe("lazy/up", QoS::AtLeastOnce).await;
-
-        acknowledged_rounds(&mut publisher, &mut subscriber, "lazy/down").await;
-        until_lazily_read(&broker, 1).await;
+        let (mut subscriber, mut publisher) =
+            lazy_pair(&broker, connect(ProtocolVersion::V311, "lazy-sub"), "lazy").await;
 
         // Nothing is delivered to it meanwhile: only the lazy poll brings this PUBLISH in.
         let reason = subscriber
@@ -76,9 +97,7 @@ async fn a_lazy_subscriber_that_publishes_is_heard_and_woken_again() {
         subscriber.ping().await;
         until_lazily_read(&broker, 0).await;
 
-        subscriber.disconnect().await;
-        publisher.disconnect().await;
-        broker.stop().await;
+        finish(broker, vec![subscriber, publisher]).await;
     })
     .await;
 }
@@ -87,22 +106,20 @@ async fn a_lazy_subscriber_that_publishes_is_heard_and_woken_again() {
 async fn a_lazy_subscriber_with_nothing_in_flight_is_woken_again() {
     bounded(async {
         let broker = start(config()).await;
-        let mut subscriber = broker.client(ProtocolVersion::V311, "quiet-sub").await;
-        subscriber.subscribe("quiet/down", QoS::AtLeastOnce).await;
-        let mut publisher = broker.client(ProtocolVersion::V311, "quiet-pub").await;
+        let (mut subscriber, mut publisher) = lazy_pair(
+            &broker,
+            connect(ProtocolVersion::V311, "quiet-sub"),
+            "quiet",
+        )
+        .await;
 
-        acknowledged_rounds(&mut publisher, &mut subscriber, "quiet/down").await;
-        until_lazily_read(&broker, 1).await;
         // No more deliveries: the next lazy poll finds nothing in flight.
         until_lazily_read(&broker, 0).await;
-
         // And the same client turns lazy again when the deliveries resume.
         acknowledged_rounds(&mut publisher, &mut subscriber, "quiet/down").await;
         until_lazily_read(&broker, 1).await;
 
-        subscriber.disconnect().await;
-        publisher.disconnect().await;
-        broker.stop().await;
+        finish(broker, vec![subscriber, publisher]).await;
     })
     .await;
 }
@@ -112,16 +129,10 @@ async fn a_lazy_subscriber_that_goes_away_is_noticed_at_once() {
     bounded(async {
         let broker = start(config()).await;
         let mut sub_connect = connect(ProtocolVersion::V311, "gone-sub");
-        sub_connect.will = Some(will("gone/will", b"gone", QoS::AtLeastOnce, false));
-        let (mut subscriber, connack) = Client::connect(broker.addr, sub_connect).await;
-        assert_eq!(connack.reason_code, ReasonCode::SUCCESS);
-        subscriber.subscribe("gone/down", QoS::AtLeastOnce).await;
-        let mut publisher = broker.client(ProtocolVersion::V311, "gone-pub").await;
-        publisher.subscribe("gone/will", QoS::AtLeastOnce).await;
+        sub_connect.will = Some(will("gone/up", b"gone", QoS::AtLeastOnce, false));
+        let (mut subscriber, mut publisher) = lazy_pair(&broker, sub_connect, "gone").await;
 
         // Keep a delivery in flight, so that the quiet poll does not end lazy mode first.
-        acknowledged_rounds(&mut publisher, &mut subscriber, "gone/down").await;
-        until_lazily_read(&broker, 1).await;
         publisher
             .publish("gone/down", b"never acknowledged", QoS::AtLeastOnce, false)
             .await;
@@ -132,11 +143,10 @@ async fn a_lazy_subscriber_that_goes_away_is_noticed_at_once() {
         // the will goes out.
         subscriber.drop_connection().await;
         let will = publisher.recv_publish_acked().await;
-        assert_eq!(will.topic, "gone/will");
+        assert_eq!(will.payload, b"gone".as_slice());
         until_lazily_read(&broker, 0).await;
 
-        publisher.disconnect().await;
-        broker.stop().await;
+        finish(broker, vec![publisher]).await;
     })
     .await;
 }
@@ -150,13 +160,7 @@ async fn a_small_receive_maximum_still_gets_every_message_in_order() {
             receive_maximum: Some(2),
             ..Properties::default()
         };
-        let (mut subscriber, connack) = Client::connect(broker.addr, sub_connect).await;
-        assert_eq!(connack.reason_code, ReasonCode::SUCCESS);
-        subscriber.subscribe("window/down", QoS::AtLeastOnce).await;
-        let mut publisher = broker.client(ProtocolVersion::V311, "window-pub").await;
-
-        acknowledged_rounds(&mut publisher, &mut subscriber, "window/down").await;
-        until_lazily_read(&broker, 1).await;
+        let (mut subscriber, mut publisher) = lazy_pair(&broker, sub_connect, "window").await;
 
         // A burst larger than the window: each PUBACK frees the slot the next one needs.
         const BURST: u16 = 200;
@@ -172,9 +176,7 @@ async fn a_small_receive_maximum_still_gets_every_message_in_order() {
         subscriber.expect_nothing().await;
         until_lazily_read(&broker, 0).await;
 
-        subscriber.disconnect().await;
-        publisher.disconnect().await;
-        broker.stop().await;
+        finish(broker, vec![subscriber, publisher]).await;
     })
     .await;
 }
@@ -183,13 +185,8 @@ async fn a_small_receive_maximum_still_gets_every_message_in_order() {
 async fn a_large_publish_from_a_lazy_subscriber_is_read_whole() {
     bounded(async {
         let broker = start(config()).await;
-        let mut subscriber = broker.client(ProtocolVersion::V311, "big-sub").await;
-        subscriber.subscribe("big/down", QoS::AtLeastOnce).await;
-        let mut publisher = broker.client(ProtocolVersion::V311, "big-pub").await;
-        publisher.subscribe("big/up", QoS::AtLeastOnce).await;
-
-        acknowledged_rounds(&mut publisher, &mut subscriber, "big/down").await;
-        until_lazily_read(&broker, 1).await;
+        let (mut subscriber, mut publisher) =
+            lazy_pair(&broker, connect(ProtocolVersion::V311, "big-sub"), "big").await;
 
         // Larger than the low-water mark and than what one lazy read takes.
         let payload: Vec<u8> = (0..200_000u32).map(|n| n as u8).collect();
@@ -201,9 +198,7 @@ async fn a_large_publish_from_a_lazy_subscriber_is_read_whole() {
         assert_eq!(up.payload, payload.as_slice());
         until_lazily_read(&broker, 0).await;
 
-        subscriber.disconnect().await;
-        publisher.disconnect().await;
-        broker.stop().await;
+        finish(broker, vec![subscriber, publisher]).await;
     })
     .await;
 }
